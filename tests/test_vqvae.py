@@ -1,0 +1,241 @@
+"""Properties of vqvae.py: nearest code, straight-through, which term moves what,
+EMA and dead-code restart, perplexity, prior causality, training, CLI."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import vqvae as V
+
+
+def brute_force_nearest(z, e):
+    """Index of the nearest code, looping over codes in float64; ties -> lowest index."""
+    z, e = z.double(), e.double()
+    best = torch.full((len(z),), float("inf"), dtype=torch.float64)
+    idx = torch.zeros(len(z), dtype=torch.long)
+    for k in range(len(e)):
+        d = (z - e[k]).pow(2).sum(1)
+        better = d < best  # strict: an equal distance keeps the earlier code
+        best[better], idx[better] = d[better], k
+    return idx, best
+
+
+def test_quantiser_returns_the_nearest_code_against_brute_force():
+    vq = V.VectorQuantizer(K=64, D=8)
+    vq.codebook.data.normal_()
+    z = torch.randn(2000, 8)
+    got = vq.nearest(z)
+    want, best = brute_force_nearest(z, vq.codebook.data)
+    dist_got = (z.double() - vq.codebook.data.double()[got]).pow(2).sum(1)
+    assert torch.allclose(dist_got, best, rtol=0, atol=1e-4)  # always a nearest code
+    # ... and exactly the brute-force one wherever the runner-up is not a near-tie
+    d_all = torch.cdist(z.double(), vq.codebook.data.double()).pow(2)
+    gap = d_all.topk(2, largest=False).values.diff(dim=1).squeeze(1)
+    clear = gap > 1e-4
+    assert clear.float().mean() > 0.99
+    assert torch.equal(got[clear], want[clear])
+
+
+def test_quantiser_breaks_exact_ties_towards_the_lowest_index():
+    vq = V.VectorQuantizer(K=4, D=2)
+    # Codes 1 and 3 are the same vector; code 0 and code 2 are mirror images.
+    vq.codebook.data = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0], [0.0, 2.0]])
+    z = torch.tensor([[0.0, 0.0],    # equidistant from codes 0 and 2 -> 0
+                      [0.0, 2.5],    # codes 1 and 3 tie -> 1
+                      [-0.9, 0.1]])  # plainly code 2
+    want, _ = brute_force_nearest(z, vq.codebook.data)
+    assert vq.nearest(z).tolist() == want.tolist() == [0, 1, 2]
+
+
+def test_straight_through_passes_the_gradient_unchanged():
+    z_e = torch.randn(4, 16, 7, 7, requires_grad=True)
+    vq = V.VectorQuantizer(K=32, D=16)
+    vq.codebook.data.normal_()
+    e, _ = vq(z_e)
+    z_q = V.straight_through(z_e, e)
+    assert torch.allclose(z_q, e.detach(), atol=1e-6)  # forward: the quantised value (to rounding) ...
+    g = torch.randn_like(z_q)
+    z_q.backward(g)
+    assert torch.equal(z_e.grad, g)  # ... backward: the identity, bit for bit
+
+
+def test_whole_model_gradient_reaches_the_encoder_through_the_quantiser():
+    model = V.VQVAE(K=32, D=4, width=8)
+    model.quantizer.codebook.data.normal_()
+    recon, _, commit, _, _ = V.vqvae_loss(model, torch.rand(2, 1, 28, 28))
+    (recon + commit).backward()
+    assert model.encoder[0].weight.grad.abs().sum() > 0
+
+
+def test_commitment_moves_the_encoder_only_and_codebook_term_the_codes_only():
+    beta = 0.25
+    vq = V.VectorQuantizer(K=8, D=3, ema=False)
+    vq.codebook.data.normal_()
+    z_e = torch.randn(2, 3, 4, 4, requires_grad=True)
+    e, codes = vq(z_e)
+    N = z_e.numel()
+    codebook, commit = V.vq_loss_terms(z_e, e, beta)
+
+    commit.backward(retain_graph=True)
+    assert torch.allclose(z_e.grad, 2 * beta * (z_e - e).detach() / N, rtol=1e-6, atol=1e-9)
+    assert vq.codebook.grad is None or not vq.codebook.grad.any()
+
+    z_e.grad = None
+    codebook.backward()
+    assert z_e.grad is None or not z_e.grad.any()
+    # Hand computation: d/de_k of sum_i ||z_i - e_k||^2 / N over the z_i assigned to k.
+    z_flat = z_e.detach().permute(0, 2, 3, 1).reshape(-1, 3)
+    want = torch.zeros(8, 3)
+    for i, k in enumerate(codes.flatten().tolist()):
+        want[k] += 2 * (vq.codebook.data[k] - z_flat[i]) / N
+    assert torch.allclose(vq.codebook.grad, want, rtol=1e-5, atol=1e-8)
+
+
+def test_ema_update_matches_the_formula_by_hand():
+    vq = V.VectorQuantizer(K=3, D=2, ema=True, decay=0.9, eps=0.01)
+    vq.codebook.data = torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]])
+    vq.ema_sum.copy_(vq.codebook.data)
+    vq.ema_count.fill_(1.0)
+    z = torch.tensor([[0.2, 0.0], [0.0, 0.4], [1.0, 2.0]])
+    codes = torch.tensor([0, 0, 1])
+    vq.ema_update(z, codes)
+    # N = 0.9 * 1 + 0.1 * n_k with n = (2, 1, 0)
+    count = [0.9 + 0.2, 0.9 + 0.1, 0.9]
+    # m = 0.9 * e_k + 0.1 * sum of assigned z
+    m = [[0.1 * 0.2, 0.1 * 0.4], [0.9 + 0.1, 0.9 + 0.2], [4.5, 4.5]]
+    n = sum(count)
+    for k in range(3):
+        smoothed = (count[k] + 0.01) / (n + 3 * 0.01) * n
+        for d in range(2):
+            assert vq.codebook.data[k, d].item() == pytest.approx(m[k][d] / smoothed, rel=1e-6)
+    assert vq.ema_count.tolist() == pytest.approx(count)
+
+
+def test_a_dead_code_is_restarted_on_an_encoder_output_and_then_used():
+    vq = V.VectorQuantizer(K=4, D=2, ema=True)
+    vq.codebook.data = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
+    vq.ema_sum.copy_(vq.codebook.data)
+    z = torch.rand(50, 2)  # in [0, 1]^2: code 3 is never the nearest
+    for step in range(1, 6):
+        codes = vq.nearest(z)
+        assert 3 not in codes.tolist()
+        vq.mark_used(codes, step)
+        vq.ema_update(z, codes)
+        # steps 1-4: not dead yet; step 5: unused for 5 steps (since step 0)
+        assert vq.restart_dead_codes(z, step, dead_after=5) == (step == 5)
+    assert vq.last_used.tolist() == [5, 5, 5, 5]
+    new = vq.codebook.data[3]
+    assert (z == new).all(1).any()  # it now sits on one of the encoder outputs
+    assert vq.ema_sum[3].tolist() == new.tolist() and vq.ema_count[3] == 1
+    codes = vq.nearest(z)
+    assert 3 in codes.tolist()  # and wins that output: it is used again
+    vq.mark_used(codes, 6)
+    vq.ema_update(z, codes)
+    assert vq.restart_dead_codes(z, 6, dead_after=5) == 0
+    assert vq.codebook.data[3].abs().max() <= 1  # it followed its new cluster, inside [0, 1]^2
+
+
+def test_perplexity_is_K_for_uniform_and_1_for_a_single_code():
+    s = V.codebook_stats(torch.full((512,), 7))
+    assert s["codebook_perplexity"] == pytest.approx(512, rel=1e-9)
+    assert s["codebook_usage"] == 1.0
+    one = torch.zeros(512)
+    one[17] = 1000
+    s = V.codebook_stats(one)
+    assert s["codebook_perplexity"] == pytest.approx(1.0, abs=1e-12)
+    assert s["codebook_usage"] == pytest.approx(1 / 512)
+
+
+def test_prior_is_causal_exactly():
+    prior = V.TokenPrior(K=16, T=49, E=32, layers=2, heads=4)
+    tokens = torch.randint(0, 16, (2, 49))
+    labels = torch.tensor([3, 7])
+    h = prior.embed(tokens, labels).detach().requires_grad_(True)
+    logits = prior.logits_from(h)
+    for t in (0, 1, 24, 48):
+        h.grad = None
+        logits[:, t].sum().backward(retain_graph=True)
+        # input position s holds token s-1: output t may see tokens < t only,
+        # i.e. positions <= t; positions > t (tokens >= t) get exactly zero.
+        assert torch.all(h.grad[:, t + 1:] == 0)
+        assert h.grad[:, :t + 1].abs().sum(-1).min() > 0
+
+
+def test_prior_output_does_not_change_when_future_tokens_do():
+    prior = V.TokenPrior(K=16, T=49, E=32, layers=2, heads=4).eval()
+    a = torch.randint(0, 16, (1, 49))
+    b = a.clone()
+    b[0, 20:] = torch.randint(0, 16, (29,))
+    y = torch.tensor([1])
+    assert torch.equal(prior(a, y)[:, :21], prior(b, y)[:, :21])
+
+
+def test_losses_fall_on_a_fixed_batch(mnist_dir):
+    torch.manual_seed(0)
+    x, y = V.mnist_tensors(mnist_dir, "test")
+    x, y = x[:32], y[:32]
+    model = V.VQVAE(K=64, D=8, width=32)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    first = None
+    for step in range(1, 61):
+        recon, _, commit, z_e, codes = V.vqvae_loss(model, x)
+        opt.zero_grad()
+        (recon + commit).backward()
+        opt.step()
+        z_flat = z_e.detach().permute(0, 2, 3, 1).reshape(-1, 8)
+        model.quantizer.mark_used(codes, step)
+        model.quantizer.ema_update(z_flat, codes)
+        model.quantizer.restart_dead_codes(z_flat, step, dead_after=5)
+        first = recon.item() if first is None else first
+    assert recon.item() < 0.6 * first
+
+    tokens, _ = V.encode_tokens(model, x, "cpu")
+    tokens = tokens.flatten(1)
+    prior = V.TokenPrior(K=64, T=49, E=32, layers=1, heads=2)
+    opt = torch.optim.Adam(prior.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        nll = V.prior_nll(prior, tokens, y)
+        opt.zero_grad()
+        nll.backward()
+        opt.step()
+        losses.append(nll.item())
+    assert losses[0] == pytest.approx(math.log(64), rel=0.15)  # starts near uniform
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_cli_writes_every_output_and_sample_only_reloads(tiny_mnist_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data-dir", str(tiny_mnist_dir), "--test-limit", "32", "--num-samples", "12",
+              "--codebook-size", "32", "--width", "16", "--prior-width", "16", "--device", "cpu"]
+    metrics = V.main(common + ["--out", str(out), "--steps", "2"])
+    for name in ("model.pt", "metrics.json", "samples.png", "samples.npy", "recon.png"):
+        assert (out / name).is_file(), name
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == metrics
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("test_recon_mse", "codebook_usage", "codebook_perplexity",
+                "test_prior_nll_bits", "naive_rate_bits", "train_seconds", "steps", "device"):
+        assert key in saved, key
+    assert saved["naive_rate_bits"] == pytest.approx(49 * 5)
+    assert saved["steps"] == 4
+    samples = np.load(out / "samples.npy")
+    assert samples.shape == (12, 1, 28, 28) and samples.min() >= 0 and samples.max() <= 1
+    assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = tmp_path / "again"
+    m2 = V.main(common + ["--out", str(again), "--sample-only", "--ckpt", str(out / "model.pt")])
+    assert (again / "samples.png").is_file() and (again / "recon.png").is_file()
+    assert m2["test_recon_mse"] == pytest.approx(saved["test_recon_mse"], rel=1e-5)
+    assert m2["test_prior_nll_bits"] == pytest.approx(saved["test_prior_nll_bits"], rel=1e-5)
+
+
+def test_bad_checkpoint_is_one_clear_line(tmp_path, tiny_mnist_dir, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        V.main(["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path / "o"),
+                "--sample-only", "--ckpt", str(bad)])
+    assert str(e.value).startswith("error:") and "\n" not in str(e.value)
