@@ -26,6 +26,10 @@ Training objective of stage one, each term returned separately by lfq_loss():
 over all 2^d codes c. The first entropy term makes each latent pick one code
 confidently; the second (the entropy of the batch-averaged assignment) makes the
 batch spread over all codes, which is what keeps a huge vocabulary in use.
+Defaults beta = 0.25, gamma = 1, tau = 1 and lambda = 1: with the paper's
+lambda = 0.1 this small model used only 32% of the 1,024 codes after 400 steps
+(lambda = 1: 99.5%, and a lower test MSE too); with tau = 0.3 and lambda = 0.1
+it collapsed onto 2 codes.
 Because ||z - c||^2 = sum_i (z_i - c_i)^2, the softmax over codes is a product of
 d independent per-bit softmaxes. So the per-sample entropy is the sum of per-bit
 entropies (exactly), while the batch entropy is not; summing per-bit batch
@@ -610,8 +614,8 @@ def parse_args(argv):
                    help="folder with the four MNIST idx .gz files (downloaded if missing)")
     p.add_argument("--out", default=f"runs/{SCRIPT}", help="output folder")
     p.add_argument("--bits", type=int, default=10, help="d, bits per token: vocabulary 2^d")
-    p.add_argument("--epochs", type=int, default=4, help="stage one (tokenizer) epochs")
-    p.add_argument("--prior-epochs", type=int, default=2, help="stage two (prior) epochs; 0 skips it")
+    p.add_argument("--epochs", type=int, default=5, help="stage one (tokenizer) epochs")
+    p.add_argument("--prior-epochs", type=int, default=3, help="stage two (prior) epochs; 0 skips it")
     p.add_argument("--steps", type=int, default=0, help="cap on optimizer steps of each stage (0: no cap)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3, help="stage one learning rate")
@@ -619,7 +623,8 @@ def parse_args(argv):
     p.add_argument("--width", type=int, default=64, help="channels of the conv layers at 7 x 7")
     p.add_argument("--tau", type=float, default=1.0, help="temperature of the soft assignment")
     p.add_argument("--gamma", type=float, default=1.0, help="weight of the batch entropy inside L_ent")
-    p.add_argument("--entropy-weight", type=float, default=0.1, help="lambda, weight of L_ent")
+    p.add_argument("--entropy-weight", type=float, default=1.0,
+                   help="lambda, weight of L_ent (MAGVIT-v2 used 0.1; see the docstring)")
     p.add_argument("--commit-weight", type=float, default=0.25, help="beta, weight of the commitment")
     p.add_argument("--entropy", choices=["auto", "exact", "per-bit"], default="auto",
                    help=f"form of L_ent; auto: exact for d <= {EXACT_ENTROPY_MAX_BITS}, else per-bit")
