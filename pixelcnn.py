@@ -38,7 +38,15 @@ Run:   python pixelcnn.py                       (about 9 minutes on a 2-core CPU
        python pixelcnn.py --sample-only --ckpt runs/pixelcnn/model.pt
 Writes runs/pixelcnn/: samples.png (one row per digit class), samples.npy, model.pt,
 metrics.json (test_nll_nats, test_bits_per_dim, train_images_per_second, ...).
-RESULTS_PLACEHOLDER
+
+Default run, measured on a 2-core CPU: 8m52s wall = 7m38s training (1.2 epochs,
+2,250 steps of 32, 157 images/s) + 20 s exact evaluation of all 10,000 test images
++ 52 s sampling 100 digits; class-conditional test NLL 87.08 nats = 0.160 bits/dim.
+The unconditional model was not given a full default run; after a short 700-step
+run it scored 92.6 nats on the first 1,000 test images where the conditional model
+scored 98.2 -- at first the label embeddings (N(0, 1) biases) probably slow it down
+more than the label helps (the label can save at most ln 10 = 2.3 nats per image).
+Published, after full training: 81.30 nats (PixelCNN, van den Oord et al. 2016a).
 """
 
 import argparse
