@@ -34,8 +34,14 @@ Because ||z - c||^2 = sum_i (z_i - c_i)^2, the softmax over codes is a product o
 d independent per-bit softmaxes. So the per-sample entropy is the sum of per-bit
 entropies (exactly), while the batch entropy is not; summing per-bit batch
 entropies gives an upper bound (sum of marginal entropies >= joint entropy).
-`--entropy exact` sums over all 2^d codes (default for d < 14); `--entropy per-bit`
-uses the factorised form, linear in d (default for d >= 14).
+`--entropy exact` sums over all 2^d codes (default for d <= 13); `--entropy per-bit`
+uses the factorised form, linear in d. That bound has a blind spot: 16 identical
+bits max it out with 2 codes (a d = 16 per-bit run did exactly that: 128 of
+65,536 codes used, perplexity 2.0, test MSE 0.053). So for d >= 14 the default
+is `--entropy groups`: exact within groups of <= 8 bits (MAGVIT-v2 also splits the
+code into independent sub-codebooks), 2 x 256 codes for d = 16. That is better
+but not enough: 8,643 of 65,536 codes used (13%), perplexity 1,329, test MSE
+0.011 after 3 epochs -- each 8-bit half is near uniform, the halves stay correlated.
 
 Stage two is a class-conditional autoregressive prior: a small causal
 transformer over the h*w tokens in raster order, p(t_1..t_T | y) = prod_t
@@ -48,11 +54,13 @@ Shape legend: B batch, d bits per token (channels of z), h w token grid (7 x 7),
 T = h*w tokens per image, K = 2^d codes, D transformer width.
 
 Run:   python lfq.py                          (d = 10, about 7 minutes on a 2-core CPU)
-       python lfq.py --bits 16 --prior-epochs 0 --out runs/lfq_d16     (stage one only)
+       python lfq.py --bits 16 --epochs 3 --prior-epochs 0 --out runs/lfq_d16  (stage one only)
        python lfq.py --sample-only --ckpt runs/lfq/model.pt
 Writes runs/lfq/: recon.png, samples.png, samples.npy, model.pt, metrics.json
 (test_recon_mse, codebook_usage, codebook_perplexity, bits_per_image,
-test_prior_nll_bits, ...).
+test_prior_nll_bits, ...). Measured default run (2-core CPU, 6m46s wall): test MSE
+0.0081, all 1,024 codes used on the test set (perplexity 838 codes), 490 bits per
+image as tokens, prior 87.9 bits per test image; samples read as digits.
 
 References: Yu et al. (2024), "Language Model Beats Diffusion -- Tokenizer is Key
 to Visual Generation" (MAGVIT-v2, LFQ and its entropy loss); van den Oord et al.
@@ -483,8 +491,13 @@ def lfq_loss(x_hat, x, z, q, tau=1.0, gamma=1.0, group_bits=None):
 # ----------------------------------------------------------------------------- train / evaluate / sample
 
 def entropy_group_bits(args):
-    exact = args.entropy == "exact" or (args.entropy == "auto" and args.bits <= EXACT_ENTROPY_MAX_BITS)
-    return args.bits if exact else 1
+    """Bits per softmax group of L_ent: d (exact), 1 (per-bit) or a group size in between."""
+    if args.entropy == "exact" or (args.entropy == "auto" and args.bits <= EXACT_ENTROPY_MAX_BITS):
+        return args.bits
+    if args.entropy == "per-bit":
+        return 1
+    # groups: exact within groups of the largest divisor of d that is <= 8 bits
+    return max(g for g in range(1, 9) if args.bits % g == 0)
 
 
 def cosine_schedule(opt, total):
@@ -626,8 +639,9 @@ def parse_args(argv):
     p.add_argument("--entropy-weight", type=float, default=1.0,
                    help="lambda, weight of L_ent (MAGVIT-v2 used 0.1; see the docstring)")
     p.add_argument("--commit-weight", type=float, default=0.25, help="beta, weight of the commitment")
-    p.add_argument("--entropy", choices=["auto", "exact", "per-bit"], default="auto",
-                   help=f"form of L_ent; auto: exact for d <= {EXACT_ENTROPY_MAX_BITS}, else per-bit")
+    p.add_argument("--entropy", choices=["auto", "exact", "groups", "per-bit"], default="auto",
+                   help=f"form of L_ent; auto: exact for d <= {EXACT_ENTROPY_MAX_BITS}, else groups "
+                   "(exact within groups of <= 8 bits)")
     p.add_argument("--prior-dim", type=int, default=128, help="transformer width D")
     p.add_argument("--prior-layers", type=int, default=3)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the prior")

@@ -98,6 +98,15 @@ def test_exact_and_per_bit_forms_agree_per_sample_and_per_bit_bounds_batch():
     assert per_bit[1].item() > exact[1].item() + 0.05
 
 
+def test_entropy_form_choice():
+    def group(*argv):
+        return lfq.entropy_group_bits(lfq.parse_args(list(argv)))
+    assert group("--bits", "10") == 10                        # exact, all 1,024 codes
+    assert group("--bits", "16") == 8 and group("--bits", "14") == 7  # groups of <= 8 bits
+    assert group("--bits", "16", "--entropy", "per-bit") == 1
+    assert group("--bits", "6", "--entropy", "groups") == 6
+
+
 def test_lfq_loss_returns_every_term():
     torch.manual_seed(0)
     x = torch.rand(2, 1, 28, 28)
