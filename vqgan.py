@@ -48,7 +48,11 @@ Sampling draws k_t from softmax(logits / temperature), restricted to the top-k.
 Shape legend: B batch, C channels, H W height width, K codebook size, D code dim,
 T sequence length, E transformer width.
 
-Run:   python vqgan.py                          (about 10 minutes on a 2-core CPU)
+Run:   python vqgan.py                          (8 min 13 s on a 2-core CPU)
+       -> test L1 0.030, PSNR 22.3 dB, codebook usage 1.00 (perplexity 198 of 256),
+          prior 172 bits per image; samples read as digits of their class, mostly
+          (a few 7s and 4s look like 9s). The ablation below, same 2000 steps:
+          L1 0.020, PSNR 24.2 dB: at this size the GAN costs pixel fidelity.
        python vqgan.py --no-gan --prior-steps 0 --out runs/vqgan_nogan   (the ablation)
        python vqgan.py --sample-only --ckpt runs/vqgan/model.pt
 Writes runs/vqgan/: recon.png (rows of test digits, each followed by its
