@@ -42,6 +42,13 @@ train writes runs/arith_coding/: model.pt, metrics.json (held-out bits per byte,
 compressed sizes against zlib/xz) and samples.txt (decoded from random bits).
 Neural archives need the model.pt they were made with (--ckpt, default as above),
 and the same kind of device and thread count.
+
+Measured on this 2-core CPU (bench, first 1,000,000 bytes of held-out stdlib .py):
+  order0   580,121 bytes   0.57 / 0.44 MB/s enc/dec  (reference-style naive coder 0.095 / 0.091)
+  context  188,274 bytes   1.506 bits/byte, 0.16 / 0.15 MB/s
+  neural   212,909 bytes   1.703 bits/byte (default train: 1400 steps, 523 s), 0.086 / 0.082 MB/s
+  zlib -9  215,226    bzip2 -9  188,337    xz -9e  181,544
+Coder overhead 4-8 bits per stream; quantisation loss of the neural model 0.0004 %.
 """
 
 import argparse
