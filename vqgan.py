@@ -58,7 +58,7 @@ Run:   python vqgan.py                          (8 min 13 s on a 2-core CPU)
 Writes runs/vqgan/: recon.png (rows of test digits, each followed by its
 reconstruction), samples.png (one row per class 0..9), samples.npy, model.pt,
 metrics.json (test_recon_l1, test_psnr_db, codebook_usage, codebook_perplexity,
-test_prior_nll_bits_per_image, ...).
+test_prior_nll_bits, ...).
 
 References: Esser, Rombach & Ommer (2021), "Taming Transformers for High-Resolution
 Image Synthesis"; van den Oord et al. (2017), "Neural Discrete Representation
@@ -700,7 +700,7 @@ def evaluate_prior(prior, tokens, labels, device, batch_size=500):
     for i in range(0, len(tokens), batch_size):
         t, c = tokens[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
         nats += prior_nll(prior, c, t).item() * t.numel()
-    return {"test_prior_nll_bits_per_image": nats / len(tokens) / math.log(2)}
+    return {"test_prior_nll_bits": nats / len(tokens) / math.log(2)}  # per image
 
 
 def write_outputs(model, prior, x_test, args, device, out):

@@ -217,7 +217,7 @@ def test_cli_smoke_run_and_sample_only(tiny_mnist_dir, tmp_path, capsys):
     assert samples.shape == (10, 1, 28, 28) and samples.min() >= 0 and samples.max() <= 1
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("test_recon_l1", "test_psnr_db", "codebook_usage", "codebook_perplexity",
-                "test_prior_nll_bits_per_image", "train_seconds", "steps", "device"):
+                "test_prior_nll_bits", "train_seconds", "steps", "device"):
         assert key in saved, key
     assert saved["tokenizer_steps"] == 2 and saved["prior_steps"] == 2
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == saved
@@ -225,7 +225,7 @@ def test_cli_smoke_run_and_sample_only(tiny_mnist_dir, tmp_path, capsys):
     again = vqgan.main(common + ["--out", str(tmp_path / "again"), "--sample-only",
                                  "--ckpt", str(out / "model.pt")])
     assert again["test_recon_l1"] == pytest.approx(saved["test_recon_l1"])
-    assert again["test_prior_nll_bits_per_image"] == pytest.approx(saved["test_prior_nll_bits_per_image"])
+    assert again["test_prior_nll_bits"] == pytest.approx(saved["test_prior_nll_bits"])
     assert (tmp_path / "again" / "samples.png").is_file()
 
 
