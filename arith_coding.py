@@ -18,7 +18,7 @@ Parts, top to bottom:
     >= 1, so that a symbol the model calls impossible can still be coded;
   * three models of P(x_t | x_<t) over bytes:
       order0  - adaptive counts (a Fenwick tree keeps the cumulative table);
-      context - PPM, orders 5..0 then uniform, with full exclusion, update
+      context - PPM, orders 10..0 then uniform, with full exclusion, update
                 exclusion and learned escape odds (Cleary & Witten 1984;
                 Moffat 1990; Bloom's PPMZ), plus a long-match predictor in
                 front of it (as in LZP / lpaq);
@@ -45,7 +45,8 @@ and the same kind of device and thread count.
 
 Measured on this 2-core CPU (bench, first 1,000,000 bytes of held-out stdlib .py):
   order0   580,121 bytes   0.57 / 0.44 MB/s enc/dec  (reference-style naive coder 0.095 / 0.091)
-  context  188,274 bytes   1.506 bits/byte, 0.16 / 0.15 MB/s
+  context  180,137 bytes   1.441 bits/byte, 0.11 / 0.11 MB/s  (orders 10..0, min_match 64;
+           orders 5..0, min_match 20: 188,274 bytes at 0.16 / 0.15 MB/s)
   neural   212,909 bytes   1.703 bits/byte (default train: 1400 steps, 523 s), 0.086 / 0.082 MB/s
   zlib -9  215,226    bzip2 -9  188,337    xz -9e  181,544
 Coder overhead 4-8 bits per stream; quantisation loss of the neural model 0.0004 %.
@@ -450,10 +451,10 @@ class ContextModel:
     In front of PPM, a match model (as in LZP and lpaq) finds the last time the
     previous `min_match` bytes occurred and predicts the byte that followed then.
     A binary event "the predicted byte comes next" is coded with adaptive counts
-    kept per match length; on a miss, PPM codes the byte with it excluded.
+    kept per class of match length and PPM agreement; on a miss, PPM codes the byte with it excluded.
     Source code repeats long stretches, which PPM's short contexts cannot see."""
 
-    def __init__(self, order=5, limit=250, min_match=20):
+    def __init__(self, order=10, limit=250, min_match=64):
         self.order, self.limit, self.min_match = order, limit, min_match
         self.tables = [{} for _ in range(order + 1)]  # tables[k][last k bytes] -> {byte: count}
         self.masks = [(1 << (8 * k)) - 1 for k in range(order + 1)]
@@ -462,7 +463,7 @@ class ContextModel:
         self.match_table = {}             # hash of min_match bytes -> position after them
         self.match_ptr = 0                # data[match_ptr] is the predicted byte (0: none)
         self.match_len = 0
-        self.match_counts = [[1, 1] for _ in range(64)]  # per length bucket: [hits, misses]
+        self.match_counts = {}            # match class -> [hits, misses]
         self.see_counts = {}              # context class -> [present, escaped]
 
     def _candidates(self, node, excluded):
@@ -470,9 +471,20 @@ class ContextModel:
         return [(s, 2 * c - 1) for s, c in node.items() if s not in excluded]
 
     def _predicted(self):
+        """(predicted byte, its [hits, misses] counts) or (None, None) without a match.
+
+        The counts are kept per class (SEE again): log2 of how far the match has
+        run past min_match, and what the longest PPM context says of the guess
+        (no such context / never seen there / seen once / seen more)."""
         if self.match_len:
-            bucket = self.match_counts[min(self.match_len - self.min_match, 63)]
-            return self.data[self.match_ptr], bucket
+            guess = self.data[self.match_ptr]
+            node = self.tables[self.order].get(self.history)
+            c = node.get(guess, 0) if node else -1
+            key = (min((self.match_len - self.min_match).bit_length(), 15), min(c, 2))
+            bucket = self.match_counts.get(key)
+            if bucket is None:
+                bucket = self.match_counts[key] = [1, 1]
+            return guess, bucket
         return None, None
 
     def encode(self, enc, x):
@@ -840,7 +852,7 @@ def load_neural(ckpt_path, device):
 # lengths and the payload's CRC32. A damaged header or payload is caught before
 # decoding starts; a wrong model (or a bug) is caught by the CRC of the output.
 
-MAGIC, VERSION = b"ACPY", 1
+MAGIC, VERSION = b"ACPY", 2  # 2: context model of orders 10..0, min_match 64
 DEFAULT_CKPT = f"runs/{SCRIPT}/model.pt"
 
 
@@ -893,9 +905,9 @@ def compress(data, model_name, args, measure=None):
                     k=args.k, chunk=lengths[0] if lengths else 0)
         payloads = neural_encode(model, device, data, lengths, args.k, args.precision, measure)
     else:
-        model = Order0Model() if model_name == "order0" else ContextModel(args.order)
+        model = Order0Model() if model_name == "order0" else ContextModel(args.order, min_match=args.min_match)
         if model_name == "context":
-            spec["order"] = args.order
+            spec.update(order=args.order, min_match=args.min_match)
         enc = MeasuringEncoder(args.precision) if measure is not None else ArithmeticEncoder(args.precision)
         for x in data:
             model.encode(enc, x)
@@ -927,7 +939,7 @@ def decompress(blob, args, name="archive"):
             raise RunError(f"{name} is damaged: {len(payloads)} streams for {len(lengths)} chunks")
         data = neural_decode(model, device, payloads, lengths, header["k"], precision)
     elif kind in MODELS:
-        model = Order0Model() if kind == "order0" else ContextModel(header["order"])
+        model = Order0Model() if kind == "order0" else ContextModel(header["order"], min_match=header["min_match"])
         if len(payloads) != 1:
             raise RunError(f"{name} is damaged: {len(payloads)} streams, expected 1")
         data = decode_with(model, payloads[0], n, precision)
@@ -964,7 +976,7 @@ def sample_bytes(model_name, n, args, prime=b""):
         device = pick_device(args.device)
         model, _ = load_neural(args.ckpt or DEFAULT_CKPT, device)
         return neural_decode(model, device, [noise], [n] if n else [], args.k, args.precision)
-    model = Order0Model() if model_name == "order0" else ContextModel(args.order)
+    model = Order0Model() if model_name == "order0" else ContextModel(args.order, min_match=args.min_match)
     encode_with(model, prime, args.precision)  # condition the adaptive model on the prime text
     return decode_with(model, noise, n, args.precision)
 
@@ -1217,7 +1229,9 @@ def parse_args(argv):
     common.add_argument("--ckpt", help=f"neural model.pt (default {DEFAULT_CKPT})")
     common.add_argument("--precision", type=int, default=32, help="bits of the coder's state")
     common.add_argument("--k", type=int, default=24, help="neural frequencies sum to 2^k")
-    common.add_argument("--order", type=int, default=5, help="context model: longest PPM context")
+    common.add_argument("--order", type=int, default=10, help="context model: longest PPM context")
+    common.add_argument("--min-match", type=int, default=64,
+                        help="context model: bytes of context the match model looks up")
     common.add_argument("--streams", type=int, default=256,
                         help="neural: most streams coded in lock-step (each >= 4096 bytes)")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
@@ -1276,8 +1290,8 @@ def parse_args(argv):
         p.error("--precision must be in [20, 62] (the context model's totals reach 2^17)")
     if not 8 <= args.k <= args.precision - 2:
         p.error("--k must be in [8, precision - 2]")
-    if args.order < 0 or args.streams < 1:
-        p.error("--order must be >= 0 and --streams >= 1")
+    if args.order < 0 or args.min_match < 1 or args.streams < 1:
+        p.error("--order must be >= 0, --min-match >= 1 and --streams >= 1")
     return args
 
 
