@@ -45,7 +45,7 @@ and the same kind of device and thread count.
 
 Measured on this 2-core CPU (bench, first 1,000,000 bytes of held-out stdlib .py):
   order0   580,121 bytes   0.57 / 0.44 MB/s enc/dec  (reference-style naive coder 0.095 / 0.091)
-  context  180,137 bytes   1.441 bits/byte, 0.11 / 0.11 MB/s  (orders 10..0, min_match 64;
+  context  176,898 bytes   1.415 bits/byte, 0.11 / 0.11 MB/s  (orders 10..0, min_match 64;
            orders 5..0, min_match 20: 188,274 bytes at 0.16 / 0.15 MB/s)
   neural   212,909 bytes   1.703 bits/byte (default train: 1400 steps, 523 s), 0.086 / 0.082 MB/s
   zlib -9  215,226    bzip2 -9  188,337    xz -9e  181,544
@@ -433,6 +433,11 @@ class Order0Model:
         return pos
 
 
+# Kind of a byte for the escape classes: 0 blank, 1 newline, 2 word (letters, digits, _), 3 other.
+BYTE_KIND = [0 if b in b" \t" else 1 if b == 10 else 2 if chr(b).isalnum() or b == 95 else 3
+             for b in range(256)]
+
+
 class ContextModel:
     """PPM with full exclusion, update exclusion, SEE, and a match model.
 
@@ -582,9 +587,12 @@ class ContextModel:
 
     def _escape_odds(self, k, cands, node):
         """[present, escaped] counts shared by the contexts of one class: order k,
-        number of candidates d, their total count, whether exclusions removed any."""
+        number of candidates d, their total count, whether exclusions removed any,
+        and the kinds of the last two bytes (blank, newline, word, punctuation):
+        after a newline or inside a name, novel bytes are more or less likely."""
         d, n = len(cands), sum(f for _, f in cands)
-        key = (k, min(d, 7), min(n, 31) if d == 1 else 32 + min(n.bit_length(), 12), len(node) == d)
+        key = (k, min(d, 7), min(n, 31) if d == 1 else 32 + min(n.bit_length(), 12), len(node) == d,
+               BYTE_KIND[self.history & 255], BYTE_KIND[(self.history >> 8) & 255])
         odds = self.see_counts.get(key)
         if odds is None:
             odds = self.see_counts[key] = [1, 1]
@@ -852,7 +860,7 @@ def load_neural(ckpt_path, device):
 # lengths and the payload's CRC32. A damaged header or payload is caught before
 # decoding starts; a wrong model (or a bug) is caught by the CRC of the output.
 
-MAGIC, VERSION = b"ACPY", 2  # 2: context model of orders 10..0, min_match 64
+MAGIC, VERSION = b"ACPY", 2  # 2: context model with match classes and byte-kind escape classes
 DEFAULT_CKPT = f"runs/{SCRIPT}/model.pt"
 
 
