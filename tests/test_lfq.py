@@ -98,13 +98,42 @@ def test_exact_and_per_bit_forms_agree_per_sample_and_per_bit_bounds_batch():
     assert per_bit[1].item() > exact[1].item() + 0.05
 
 
+@pytest.mark.parametrize("d", [10, 16])
+def test_exact_batch_entropy_from_two_halves_equals_the_full_softmax(d):
+    """For d > 8 the batch entropy is computed from P_low^T P_high, never building the
+    (N, 2^d) table. It must equal, in value and in gradient, the entropy of the batch
+    average of the full softmax over all 2^d codes, also when the bits are correlated
+    across the two halves (where a sum of two half entropies would be too high)."""
+    torch.manual_seed(2)
+    z = torch.randn(24, d, dtype=torch.float64)
+    z[:, d - 1] = z[:, 0] + 0.2 * z[:, d - 1]  # a low bit and a high bit move together
+    z.requires_grad_(True)
+    codes = lfq.index_to_code(torch.arange(2 ** d), d).double()           # (2^d, d)
+    dist = torch.cdist(z, codes, compute_mode="donot_use_mm_for_euclid_dist") ** 2  # (N, 2^d)
+    p = torch.softmax(-dist / 0.8, -1)  # the full softmax, from explicit distances
+    p_avg = p.mean(0)
+    reference = -(p_avg * p_avg.log()).sum()
+    (g_ref,) = torch.autograd.grad(reference, z)
+    per_sample, batch = lfq.entropy_terms(z, 0.8, d)
+    (g,) = torch.autograd.grad(batch, z)
+    assert batch.item() == pytest.approx(reference.item(), rel=1e-10)
+    assert torch.allclose(g, g_ref, rtol=1e-8, atol=1e-12)
+    assert per_sample.item() == pytest.approx(-(p * p.log()).sum(1).mean().item(), rel=1e-10)
+    # The half-by-half sum is an upper bound, strictly above here (correlated halves).
+    halves = lfq.entropy_terms(z.detach(), 0.8, d // 2)[1]
+    assert halves.item() > batch.item() + 0.01
+
+
 def test_entropy_form_choice():
     def group(*argv):
         return lfq.entropy_group_bits(lfq.parse_args(list(argv)))
     assert group("--bits", "10") == 10                        # exact, all 1,024 codes
-    assert group("--bits", "16") == 8 and group("--bits", "14") == 7  # groups of <= 8 bits
+    assert group("--bits", "16") == 16                        # exact, all 65,536 codes
+    assert group("--bits", "18") == 6 and group("--bits", "20") == 5  # groups of <= 8 bits
+    assert group("--bits", "16", "--entropy", "groups") == 8
     assert group("--bits", "16", "--entropy", "per-bit") == 1
     assert group("--bits", "6", "--entropy", "groups") == 6
+    assert group("--bits", "20", "--entropy", "exact") == 20
 
 
 def test_lfq_loss_returns_every_term():
