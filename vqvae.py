@@ -322,12 +322,16 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("last_used", torch.zeros(K, dtype=torch.long))
 
     @torch.no_grad()
-    def nearest(self, z_flat):
-        """k = argmin_j ||z - e_j||^2 = argmin_j (||z||^2 - 2 z.e_j + ||e_j||^2); ties -> lowest j."""
+    def nearest(self, z_flat, rows=1024):
+        """k = argmin_j ||z - e_j||^2 = argmin_j (||e_j||^2 - 2 z.e_j); ties -> lowest j.
+
+        ||z||^2 is the same for every j and is dropped. The (N, K) distance table is
+        built `rows` latents at a time, one addmm each: at K = 65,536 a whole batch's
+        table is 1.6 GB, and building it in one piece is 3.5x slower."""
         e = self.codebook
-        dist = (z_flat.pow(2).sum(1, keepdim=True) - 2 * z_flat @ e.t()
-                + e.pow(2).sum(1))  # (N, K)
-        return dist.argmin(1)
+        e2 = e.pow(2).sum(1)  # (K,)
+        return torch.cat([torch.addmm(e2, z_flat[i:i + rows], e.t(), alpha=-2).argmin(1)
+                          for i in range(0, len(z_flat), rows)])
 
     def forward(self, z_e):
         """z_e (B, D, h, w) -> the chosen codes e = q(z_e) (B, D, h, w) and tokens (B, h, w)."""
@@ -649,7 +653,7 @@ def write_outputs(model, prior, x_test, args, device, out, h, w):
     z = sample_tokens(prior, labels, args.temperature, args.seed).view(-1, h, w)
     with torch.no_grad():
         samples = model.decode_tokens(z).cpu()
-    np.save(out / "samples.npy", samples.numpy())  # (N, 1, 28, 28) in [0, 1]
+    atomic_write(out / "samples.npy", lambda f: np.save(f, samples.numpy()))  # (N, 1, 28, 28) in [0, 1]
     write_png(out / "samples.png", image_grid(samples, ncol=ncol))
 
 
