@@ -385,7 +385,7 @@ def interpolate(model, x_a, x_b, device, steps=10):
 def write_outputs(model, x_test, args, device, out):
     n = args.num_samples
     samples = sample(model, n, device, seed=args.seed)
-    np.save(out / "samples.npy", samples.numpy())  # (N, 1, 28, 28) in [0, 1]
+    atomic_write(out / "samples.npy", lambda f: np.save(f, samples.numpy()))  # (N, 1, 28, 28) in [0, 1]
     write_png(out / "samples.png", image_grid(samples, ncol=min(n, 16)))
     # recon.png: rows of 16 test digits, each row followed by its reconstruction.
     with torch.no_grad():

@@ -722,7 +722,7 @@ def write_outputs(model, prior, x_test, args, device, out):
     tokens = sample_tokens(prior, labels, args.temperature, args.top_k, seed=args.seed)
     with torch.no_grad():
         samples = to_unit(model.decode_indices(tokens.view(n, 7, 7))).cpu()
-    np.save(out / "samples.npy", samples.numpy())  # (N, 1, 28, 28) in [0, 1]
+    atomic_write(out / "samples.npy", lambda f: np.save(f, samples.numpy()))  # (N, 1, 28, 28) in [0, 1]
     write_png(out / "samples.png", image_grid(samples, ncol=-(-n // 10)))
 
 
