@@ -31,18 +31,25 @@ and zero-download smoke runs.
 Shape legend: B batch (streams), C residual channels, S skip channels, E conditioning
 dims, T time (samples), Q = 256 mu-law classes.
 
-Run:   python wavenet.py                       (14 minutes on a 2-core CPU)
+Run:   python wavenet.py                       (15-18 minutes on a 2-core CPU)
        python wavenet.py --data tones --steps 300
        python wavenet.py --sample-only --ckpt runs/wavenet/model.pt --temperature 0.9
 Writes runs/wavenet/: samples_digit{0..9}.wav (one second each), samples.npy (int16
-PCM, (N, T)), model.pt, metrics.json (test_nll_bits_per_sample, receptive field,
-gen_samples_per_second_fast / _naive, ...). The default run (64 residual / 128 skip
-channels, 2,400 steps of 8 x 2,000-sample crops, bf16 autocast, cosine lr) reaches
+PCM, (N, T)), spectrograms.png (per digit: a real test recording, then the samples),
+model.pt, metrics.json (test_nll_bits_per_sample, receptive field,
+gen_samples_per_second_fast / _naive, judge_sample_accuracy, ...).
+
+Nobody listens inside a test run, so a stand-in listener judges the samples: a small
+spectrogram classifier trained on the real training recordings (judge_* metrics;
+it names 97% of the real test recordings right).
+
+Default run, measured on a 2-core AMD EPYC (17m43s wall, 982 s training): 64 residual
+/ 128 skip channels, 2,400 steps of 8 x 2,000-sample crops, bf16 autocast, cosine lr;
 3.98 bits/sample on the 300 test recordings, against 7.18 for symbol frequencies
-(order 0) and 5.45 for previous symbol -> next (order 1); it generates ten
-one-second digits at once in 6 s, 120x faster than naive recomputation.
-Longer run (not run here; about 2.5 hours on a 2-core CPU, minutes on a GPU):
-       python wavenet.py --steps 20000 --channels 96 --skip-channels 192
+(order 0) and 5.45 for previous symbol -> next (order 1). It generates ten one-second
+digits at once in 7.6 s, 148x faster than naive recomputation; the judge hears the
+requested digit in 5 of the 10 samples (chance: 1).
+The longer run (target <= 3.8 bits/sample) has not been run yet.
 """
 
 import argparse
@@ -53,6 +60,7 @@ import os
 import random
 import re
 import shutil
+import struct
 import sys
 import tarfile
 import time
@@ -166,6 +174,42 @@ class Progress:
         print(f"{self.label} {step}/{self.total} | {values} | "
               f"{self.examples / max(elapsed, 1e-9):.0f} ex/s | eta {format_seconds(eta)}",
               flush=True)
+# --- end shared ---
+
+
+# --- shared: png writer ---
+def png_bytes(pixels):
+    """Encode a uint8 array (H, W) grey or (H, W, 3) RGB as a PNG file's bytes."""
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    h, w = pixels.shape[:2]
+    colour_type = 2 if pixels.ndim == 3 else 0  # 2 = RGB, 0 = greyscale
+    # Each scanline starts with its filter type; 0 = none.
+    raw = b"".join(b"\x00" + pixels[y].tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)  # 8-bit, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def write_png(path, pixels):
+    atomic_write(path, lambda f: f.write(png_bytes(pixels)))
+
+
+def image_grid(images, ncol, border=2, border_value=128):
+    """Tile images (N, C, H, W) in [0, 1] into one uint8 picture, 2-pixel grey borders."""
+    images = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
+    n, c, h, w = images.shape
+    nrow = -(-n // ncol)
+    grid = np.full((border + nrow * (h + border), border + ncol * (w + border), c),
+                   border_value, np.uint8)
+    for i in range(n):
+        y, x = border + (i // ncol) * (h + border), border + (i % ncol) * (w + border)
+        grid[y:y + h, x:x + w] = (images[i].transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
+    return grid[:, :, 0] if c == 1 else grid
 # --- end shared ---
 
 
@@ -610,6 +654,92 @@ def rms_dbfs(audio, frame=400):
     return float(level.mean()), float((level > -40).mean())
 
 
+# ----------------------------------------------------------------------------- judge: a stand-in listener
+
+# Nobody listens inside a test run or a CI log. As a measurable stand-in, a small
+# digit classifier is trained on the *real* training recordings and then asked
+# which digit each generated sample says. Its accuracy on the real test recordings
+# says how far to trust it; its accuracy on the samples says whether the requested
+# digit can be recognised at all. A judge is not a listener: it knows only the ten
+# digits, and a sound no person would call speech can still fool it.
+
+def log_spectrogram(audio, n_fft=256, hop=64):
+    """Waveforms (B, T) -> log power (B, F, frames): F = n_fft / 2 + 1 = 129 bins of
+    31 Hz, a frame every 8 ms, Hann window."""
+    window = torch.hann_window(n_fft, device=audio.device)
+    spec = torch.stft(audio, n_fft, hop, window=window, return_complex=True)
+    return torch.log(spec.abs().pow(2) + 1e-8)
+
+
+class DigitJudge(nn.Module):
+    """Log spectrogram (B, F, frames) -> digit logits (B, 10).
+
+    Each clip's spectrogram is standardised (loudness does not matter), then three
+    1-D convolutions run over time with the F frequency bins as channels, and the
+    max over time pools them: a word counts the same wherever it sits in the clip."""
+
+    def __init__(self, n_freq=129, width=96):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv1d(n_freq, width, 5, padding=2), nn.ReLU(),
+            nn.Conv1d(width, width, 5, padding=4, dilation=2), nn.ReLU(),
+            nn.Conv1d(width, width, 5, padding=8, dilation=4), nn.ReLU())
+        self.out = nn.Linear(width, 10)
+
+    def forward(self, spec):
+        spec = (spec - spec.mean((1, 2), keepdim=True)) / (spec.std((1, 2), keepdim=True) + 1e-5)
+        return self.out(self.net(spec).amax(-1))
+
+
+def place_in_clip(audio, length, offset):
+    """A recording (T,) float placed at `offset` in `length` samples of silence
+    (cropped at `offset` instead when it is longer)."""
+    clip = np.zeros(length, np.float32)
+    if len(audio) >= length:
+        return audio[offset:offset + length].astype(np.float32)
+    clip[offset:offset + len(audio)] = audio
+    return clip
+
+
+def judge_batch(data, idx, length, rng):
+    """One-second training clips: each recording at a random place, random loudness."""
+    clips = []
+    for i in idx:
+        audio = mu_law_decode(torch.from_numpy(data[i][0].astype(np.int64))).numpy()
+        offset = rng.integers(0, abs(length - len(audio)) + 1)
+        clips.append(place_in_clip(audio, length, offset) * rng.uniform(0.3, 1.5))
+    return torch.from_numpy(np.stack(clips)), torch.tensor([data[i][1] for i in idx])
+
+
+def train_judge(data, steps, device, seed=0, batch_size=32, length=SAMPLE_RATE):
+    """Fit a DigitJudge to the training recordings (Adam, cosine lr): a minute on a CPU."""
+    torch.manual_seed(seed)
+    judge = DigitJudge().to(device)
+    opt = torch.optim.Adam(judge.parameters(), lr=2e-3)
+    rng = np.random.default_rng(seed)
+    progress = Progress(steps, label="judge")
+    judge.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, steps, 2e-3, steps // 20)
+        audio, digit = judge_batch(data, rng.integers(0, len(data), batch_size), length, rng)
+        loss = F.cross_entropy(judge(log_spectrogram(audio.to(device))), digit.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress.update(step + 1, batch_size, loss=loss.item())
+    return judge.eval()
+
+
+@torch.no_grad()
+def judge_digits(judge, audio, device):
+    """Predicted digit of each waveform; audio is a list of float arrays (any lengths,
+    each padded with silence to one second)."""
+    length = max(SAMPLE_RATE, max(len(a) for a in audio))
+    clips = torch.from_numpy(np.stack([place_in_clip(a, length, 0) for a in audio]))
+    return judge(log_spectrogram(clips.to(device))).argmax(1).cpu()
+
+
 # ----------------------------------------------------------------------------- outputs
 
 def to_pcm(classes):
@@ -654,7 +784,42 @@ def write_samples(model, speakers, test, args, device, out):
             "gen_speedup_fast_over_naive": round(fast_rate / naive_rate, 1),
             "samples_rms_dbfs": round(level, 1), "samples_active_fraction": round(active, 3),
             "test_rms_dbfs": round(float(np.mean([a for a, _ in real])), 1),
-            "test_active_fraction": round(float(np.mean([b for _, b in real])), 3)}
+            "test_active_fraction": round(float(np.mean([b for _, b in real])), 3)}, pcm, digit.cpu()
+
+
+def spectrogram_picture(rows, db_range=80.0):
+    """Rows of waveforms (lists of float arrays) -> one grey picture (H, W) uint8 of their
+    log spectrograms, low frequencies at the bottom, the loudest bin white and
+    everything db_range dB below it black; tiles separated by grey borders."""
+    length = max(len(a) for row in rows for a in row)
+    tiles = [log_spectrogram(torch.from_numpy(place_in_clip(a, length, 0))[None])[0].flip(0)
+             for row in rows for a in row]                                 # (F, frames) each
+    db = 10 / math.log(10) * torch.stack(tiles)                           # natural log -> dB
+    img = ((db - db.max() + db_range) / db_range).clamp(0, 1)[:, None]   # (N, 1, F, frames)
+    return image_grid(img.numpy(), ncol=max(len(row) for row in rows))
+
+
+def judge_samples(train_set, test, pcm, digit, args, device, out):
+    """Train the judge on real training recordings; score it on the real test recordings
+    and on the samples; write spectrograms.png (per digit: a real test recording of
+    the sampled voice, then that digit's samples)."""
+    def waveform(classes):
+        return mu_law_decode(torch.from_numpy(classes.astype(np.int64))).numpy()
+
+    judge = train_judge(train_set, args.judge_steps, device, args.seed)
+    truth = torch.tensor([d for _, d, _ in test])
+    real_acc = (judge_digits(judge, [waveform(c) for c, _, _ in test], device) == truth).double().mean()
+    heard = judge_digits(judge, list(pcm.astype(np.float32) / 32768.0), device)
+    rows = []
+    for d in sorted(set(digit.tolist())):
+        real = ([c for c, dd, s in test if dd == d and s == args.speaker]
+                or [c for c, dd, _ in test if dd == d])
+        rows.append([waveform(real[0]) if real else np.zeros(SAMPLE_RATE, np.float32)]
+                    + [a.astype(np.float32) / 32768.0 for a in pcm[(digit == d).numpy()]])
+    write_png(out / "spectrograms.png", spectrogram_picture(rows))
+    return {"judge_test_accuracy": round(real_acc.item(), 4),
+            "judge_sample_accuracy": round((heard == digit).double().mean().item(), 4),
+            "judge_sample_digits": heard.tolist()}
 
 
 # ----------------------------------------------------------------------------- main
@@ -688,6 +853,8 @@ def parse_args(argv):
     p.add_argument("--gen-seconds", type=float, default=1.0, help="length of each sample")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
     p.add_argument("--speaker", default="jackson", help="voice for the samples (FSDD name)")
+    p.add_argument("--judge-steps", type=int, default=800,
+                   help="training steps of the digit classifier that judges the samples (0: no judge)")
     p.add_argument("--naive-steps", type=int, default=32,
                    help="samples over which naive generation is timed (then extrapolated)")
     p.add_argument("--test-limit", type=int, default=0,
@@ -704,8 +871,8 @@ def parse_args(argv):
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.max_dilation & (args.max_dilation - 1):
         p.error("--max-dilation must be a power of 2")
-    if args.test_limit < 0 or args.warmup < 0:
-        p.error("--test-limit and --warmup must be >= 0")
+    if args.test_limit < 0 or args.warmup < 0 or args.judge_steps < 0:
+        p.error("--test-limit, --warmup and --judge-steps must be >= 0")
     if not (args.lr > 0 and args.temperature > 0 and args.gen_seconds > 0):
         p.error("--lr, --temperature and --gen-seconds must be positive")
     return args
@@ -758,7 +925,10 @@ def run(args):
     metrics.update(order0_bits_per_sample=round(base0, 4), order1_bits_per_sample=round(base1, 4),
                    receptive_field_samples=samples, receptive_field_ms=ms,
                    parameters=sum(p.numel() for p in model.parameters()))
-    metrics.update(write_samples(model, speakers, test, args, device, out))
+    gen_metrics, pcm, digit = write_samples(model, speakers, test, args, device, out)
+    metrics.update(gen_metrics)
+    if args.judge_steps:
+        metrics.update(judge_samples(train_set, test, pcm, digit, args, device, out))
     metrics.update(train_seconds=round(train_seconds, 1), steps=steps, device=str(device),
                    data=args.data)
     if not args.sample_only:

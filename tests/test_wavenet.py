@@ -147,9 +147,46 @@ def test_loss_falls_on_a_fixed_batch_of_tones():
 
 # ----------------------------------------------------------------------------- CLI
 
+# ----------------------------------------------------------------------------- judge
+
+def test_log_spectrogram_puts_a_sine_in_its_frequency_bin():
+    t = torch.arange(8000) / 8000.0
+    for freq in (250.0, 1000.0, 3000.0):  # bins are 8000 / 256 = 31.25 Hz wide
+        spec = W.log_spectrogram(torch.sin(2 * math.pi * freq * t)[None])[0]  # (129, frames)
+        assert spec.shape[0] == 129
+        assert torch.all(spec[:, 2:-2].argmax(0) == round(freq / 31.25))
+
+
+def test_judge_tells_tones_apart_and_scores_the_requested_digit(tmp_path):
+    """Trained on the synthetic tones (digit = pitch), the judge must name the test
+    tones; and judge_samples must count a sample as right only when the judge hears
+    the digit that was *requested*: real test clips given their own digits score
+    high, the same clips given the next digit score low."""
+    train, test = W.make_tones()
+    judge = W.train_judge(train, 300, torch.device("cpu"), seed=0)
+    decode = lambda c: W.mu_law_decode(torch.from_numpy(c.astype(np.int64))).numpy()
+    truth = torch.tensor([d for _, d, _ in test])
+    assert (W.judge_digits(judge, [decode(c) for c, _, _ in test], torch.device("cpu"))
+            == truth).double().mean() >= 0.9
+    pcm = W.to_pcm(torch.from_numpy(np.stack([c for c, _, _ in test]).astype(np.int64)))
+
+    class Args:
+        judge_steps, seed, speaker = 300, 0, "dark"
+    right = W.judge_samples(train, test, pcm, truth, Args, torch.device("cpu"), tmp_path)
+    wrong = W.judge_samples(train, test, pcm, (truth + 1) % 10, Args, torch.device("cpu"), tmp_path)
+    assert right["judge_test_accuracy"] >= 0.9 and right["judge_sample_accuracy"] >= 0.9
+    assert wrong["judge_sample_accuracy"] <= 0.2
+    assert right["judge_sample_digits"] == wrong["judge_sample_digits"]  # same clips, same verdicts
+    # spectrograms.png: one row per digit, a real clip then that digit's 4 "samples".
+    with open(tmp_path / "spectrograms.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- command line
+
 TINY = ["--data", "tones", "--steps", "3", "--channels", "8", "--skip-channels", "8",
         "--max-dilation", "16", "--test-limit", "6", "--gen-seconds", "0.05",
-        "--naive-steps", "2", "--crop", "300", "--speaker", "dark"]
+        "--naive-steps", "2", "--crop", "300", "--speaker", "dark", "--judge-steps", "2"]
 
 
 def test_cli_smoke_run_writes_every_output_and_sample_only_reloads(tmp_path, capsys):
@@ -158,8 +195,10 @@ def test_cli_smoke_run_writes_every_output_and_sample_only_reloads(tmp_path, cap
     printed = capsys.readouterr().out.strip().splitlines()
     assert json.loads(printed[-1]) == json.loads((out / "metrics.json").read_text()) == metrics
     for key in ("test_nll_bits_per_sample", "gen_samples_per_second_fast",
-                "gen_samples_per_second_naive", "receptive_field_ms", "train_seconds"):
+                "gen_samples_per_second_naive", "receptive_field_ms", "train_seconds",
+                "judge_test_accuracy", "judge_sample_accuracy"):
         assert math.isfinite(metrics[key])
+    assert len(metrics["judge_sample_digits"]) == 10 and (out / "spectrograms.png").is_file()
     pcm = np.load(out / "samples.npy")
     assert pcm.dtype == np.int16 and pcm.shape == (10, 400)
     for d in range(10):
@@ -171,7 +210,8 @@ def test_cli_smoke_run_writes_every_output_and_sample_only_reloads(tmp_path, cap
     # --sample-only reloads the weights: same test NLL, same samples (same seed).
     again = W.main(["--data", "tones", "--sample-only", "--ckpt", str(out / "model.pt"),
                     "--out", str(tmp_path / "again"), "--test-limit", "6",
-                    "--gen-seconds", "0.05", "--naive-steps", "2", "--speaker", "dark"])
+                    "--gen-seconds", "0.05", "--naive-steps", "2", "--speaker", "dark",
+                    "--judge-steps", "0"])
     assert again["test_nll_bits_per_sample"] == metrics["test_nll_bits_per_sample"]
     assert np.array_equal(np.load(tmp_path / "again" / "samples.npy"), pcm)
 
