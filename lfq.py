@@ -56,6 +56,21 @@ uses 94% of them too, but only because its dead-code restart re-seeds codes
 the same 3 epochs take 31 minutes instead of 2: the lookup grows with K, the sign
 with d.
 
+`--quantizer fsq` swaps in the sibling, finite scalar quantisation (Mentzer et al.
+2023): a few channels, each bounded by tanh and rounded to one of L_i levels, with
+no entropy or commitment term; with the paper's levels, 8,5,5,5 = 1,000 codes stand
+in for 2^10 and 8,8,8,5,5,5 = 64,000 for 2^16. Side by side (test set, same epochs):
+
+  1,000 codes  FSQ 8,5,5,5:   MSE 0.0026, 98% used, perplexity   189, prior 157 bits/image
+  1,024 codes  LFQ d = 10:    MSE 0.0084, 100% used, perplexity  832, prior  87 bits/image
+  64,000 codes FSQ 8,8,8,5,5,5: MSE 0.0039, 9% used, perplexity    379   (3 epochs, stage one)
+  65,536 codes LFQ d = 16:    MSE 0.0073, 93% used, perplexity 33,056
+
+FSQ reconstructs better (a finer grid in fewer dimensions), but with no entropy term
+it leaves most of a large vocabulary unused and uses the rest unevenly; LFQ's entropy
+loss spreads its tokens. FSQ's tokens also carry more detail, so its prior needs more
+bits per image: a different point on the rate-distortion curve, not a free win.
+
 Stage two is a class-conditional autoregressive prior: a small causal
 transformer over the h*w tokens in raster order, p(t_1..t_T | y) = prod_t
 p(t_t | t_<t, y). Its input embeds a token from its d bits (a Linear layer, so
@@ -68,6 +83,7 @@ T = h*w tokens per image, K = 2^d codes, D transformer width.
 
 Run:   python lfq.py                          (d = 10, about 9 minutes on a 2-core CPU)
        python lfq.py --bits 16 --epochs 3 --prior-epochs 0 --out runs/lfq_d16  (stage one only)
+       python lfq.py --quantizer fsq --out runs/fsq      (FSQ, 1,000 codes, side by side)
        python lfq.py --sample-only --ckpt runs/lfq/model.pt
 Writes runs/lfq/: recon.png, samples.png, samples.npy, model.pt, metrics.json
 (test_recon_mse, codebook_usage, codebook_perplexity, bits_per_image,
@@ -342,6 +358,49 @@ def index_to_code(index, d):
     return bits.float() * 2 - 1
 
 
+# FSQ, the sibling (--quantizer fsq; Mentzer et al. 2023, "Finite Scalar Quantization:
+# VQ-VAE Made Simple"): each channel of z is bounded and rounded to one of L_i levels
+# instead of to its sign, so the vocabulary is prod_i L_i. Like LFQ there is no codebook
+# and no lookup; unlike LFQ there is no entropy or commitment term: the paper reports
+# that rounding a bounded value onto a small fixed grid keeps the grid in use by itself.
+# Levels the paper recommends for about 2^bits codes (its table 1):
+FSQ_LEVELS = {8: (8, 6, 5), 10: (8, 5, 5, 5), 12: (7, 5, 5, 5, 5), 14: (8, 8, 8, 6, 5),
+              16: (8, 8, 8, 5, 5, 5)}
+
+
+def fsq_quantize(z, levels):
+    """z (B, d, h, w) -> codes (B, d, h, w): channel i on L_i levels in [-1, 1].
+
+    bound(z) = tanh(z + shift) (L - 1)(1 - eps) / 2 - offset  lies just inside the
+    range of the integers -floor(L/2) .. ceil(L/2) - 1 (offset = 1/2 for even L, whose
+    grid is not symmetric; shift = atanh(offset / half) makes bound(0) = 0); it is
+    rounded with a straight-through gradient (the gradient of bound) and divided by
+    floor(L/2). The paper's code takes tan for the shift; atanh is the exact inverse."""
+    L = torch.tensor(levels, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+    half = (L - 1) * (1 - 1e-3) / 2
+    offset = 0.5 * (L % 2 == 0)
+    bounded = torch.tanh(z + torch.atanh(offset / half)) * half - offset
+    rounded = bounded + (torch.round(bounded) - bounded).detach()  # value round(b), gradient of b
+    return rounded / (L // 2)
+
+
+def fsq_code_to_index(codes, levels):
+    """index = sum_i k_i prod_{j<i} L_j with digit k_i = code_i floor(L_i/2) + floor(L_i/2)
+    in 0 .. L_i - 1 (channel 0 least significant, as for LFQ's bits). (..., d) -> (...)"""
+    L = torch.tensor(levels, device=codes.device)
+    digits = torch.round(codes * (L // 2)).long() + L // 2
+    basis = torch.cumprod(torch.cat([L.new_ones(1), L[:-1]]), 0)  # 1, L_0, L_0 L_1, ...
+    return (digits * basis).sum(-1)
+
+
+def fsq_index_to_code(index, levels):
+    """The inverse: digit k_i = (index // prod_{j<i} L_j) mod L_i -> code. (...) -> (..., d)"""
+    L = torch.tensor(levels, device=index.device)
+    basis = torch.cumprod(torch.cat([L.new_ones(1), L[:-1]]), 0)
+    digits = index.unsqueeze(-1) // basis % L
+    return (digits - L // 2).float() / (L // 2)
+
+
 def code_probs(z, tau):
     """p(c|z) = softmax_c(-||z - c||^2 / tau) over the 2^g codes of g bits: (N, g) -> (N, 2^g).
 
@@ -395,20 +454,26 @@ def entropy_terms(z, tau, group_bits):
 # ----------------------------------------------------------------------------- model
 
 class Tokenizer(nn.Module):
-    """Conv encoder 28 -> 14 -> 7 to z (B, d, 7, 7), LFQ, and the mirror decoder."""
+    """Conv encoder 28 -> 14 -> 7 to z (B, d, 7, 7), LFQ (or FSQ), and the mirror decoder.
 
-    def __init__(self, bits=10, width=64):
+    levels=None: LFQ, d = bits sign bits, 2^d codes. levels=(L_1, ..): FSQ, d = len(levels)
+    channels, prod L_i codes."""
+
+    def __init__(self, bits=10, width=64, levels=None):
         super().__init__()
         c1, c2 = width // 2, width
-        self.bits = bits
+        self.levels = tuple(levels) if levels else None
+        self.dim = len(self.levels) if self.levels else bits              # d, channels of z
+        self.codebook_size = math.prod(self.levels) if self.levels else 2 ** bits
+        d = self.dim
         self.encoder = nn.Sequential(
             nn.Conv2d(1, c1, 4, 2, 1), nn.ReLU(),               # (B, c1, 14, 14)
             nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU(),              # (B, c2, 7, 7)
             nn.Conv2d(c2, c2, 3, 1, 1), nn.ReLU(),
-            nn.Conv2d(c2, bits, 1),                             # (B, d, 7, 7) = z
+            nn.Conv2d(c2, d, 1),                                # (B, d, 7, 7) = z
         )
         self.decoder = nn.Sequential(
-            nn.Conv2d(bits, c2, 3, 1, 1), nn.ReLU(),            # (B, c2, 7, 7)
+            nn.Conv2d(d, c2, 3, 1, 1), nn.ReLU(),               # (B, c2, 7, 7)
             nn.Conv2d(c2, c2, 3, 1, 1), nn.ReLU(),
             nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(),     # (B, c1, 14, 14)
             nn.ConvTranspose2d(c1, 1, 4, 2, 1),                 # (B, 1, 28, 28)
@@ -416,20 +481,32 @@ class Tokenizer(nn.Module):
         # Linear output, clamped to [0, 1] only when shown or scored: a sigmoid
         # would flatten the MSE gradient on the many pure-black pixels.
 
+    def quantize(self, z):
+        """q(z) (B, d, h, w) with straight-through gradients: sign(z) for LFQ, FSQ's rounding."""
+        return quantize(z) if self.levels is None else fsq_quantize(z, self.levels)
+
+    def to_index(self, codes):
+        """Codes (..., d) -> token indices (...)."""
+        return code_to_index(codes) if self.levels is None else fsq_code_to_index(codes, self.levels)
+
+    def to_code(self, index):
+        """Token indices (...) -> codes (..., d)."""
+        return index_to_code(index, self.dim) if self.levels is None else fsq_index_to_code(index, self.levels)
+
     def forward(self, x):
         z = self.encoder(x)                    # (B, d, h, w)
-        q = quantize(z)                        # (B, d, h, w), exactly +-1
+        q = self.quantize(z)                   # (B, d, h, w), exactly +-1 for LFQ
         return self.decoder(q), z, q
 
     def tokens(self, x):
         """Token indices (B, T) of images x, raster order."""
-        z = self.encoder(x)
-        return code_to_index(z.flatten(2).transpose(1, 2))  # (B, T)
+        q = self.quantize(self.encoder(x))
+        return self.to_index(q.flatten(2).transpose(1, 2))  # (B, T)
 
     def decode_tokens(self, index, h=7, w=7):
         """Images in [0, 1] from token indices (B, T)."""
-        q = index_to_code(index, self.bits).transpose(1, 2)  # (B, d, T)
-        return self.decoder(q.reshape(len(index), self.bits, h, w)).clamp(0, 1)
+        q = self.to_code(index).transpose(1, 2)  # (B, d, T)
+        return self.decoder(q.reshape(len(index), self.dim, h, w)).clamp(0, 1)
 
 
 class Block(nn.Module):
@@ -459,20 +536,30 @@ class Prior(nn.Module):
     from its +-1 bits, plus a position and a class embedding: so the output at i
     sees t_<i and y only. Output head "softmax": logits over K = 2^d codes; head
     "bits": d Bernoulli logits, p(t_i | .) = prod_j p(bit_j | .) (a factorised
-    head whose size is linear in d)."""
+    head whose size is linear in d). With FSQ levels the tokens are FSQ codes
+    (d = len(levels) numbers in [-1, 1]) and the head is the softmax over prod L_i."""
 
-    def __init__(self, bits, n_tokens=49, n_classes=10, dim=128, layers=3, heads=4, head="auto"):
+    def __init__(self, bits, n_tokens=49, n_classes=10, dim=128, layers=3, heads=4, head="auto",
+                 levels=None):
         super().__init__()
-        self.bits = bits
+        self.levels = tuple(levels) if levels else None
+        self.d = len(self.levels) if self.levels else bits             # numbers per token
+        size = math.prod(self.levels) if self.levels else 2 ** bits     # K
         if head == "auto":
-            head = "softmax" if bits <= FULL_SOFTMAX_MAX_BITS else "bits"
+            head = "softmax" if size <= 2 ** FULL_SOFTMAX_MAX_BITS else "bits"
+        if head == "bits" and self.levels:
+            raise ValueError("the factorised bits head is for LFQ tokens; FSQ needs the softmax head")
         self.head_kind = head
-        self.embed = nn.Linear(bits, dim)
+        self.embed = nn.Linear(self.d, dim)
         self.pos = nn.Parameter(torch.randn(n_tokens, dim) * 0.02)
         self.cls = nn.Embedding(n_classes, dim)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
         self.ln = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, 2 ** bits if self.head_kind == "softmax" else bits)
+        self.head = nn.Linear(dim, size if self.head_kind == "softmax" else self.d)
+
+    def to_code(self, index):
+        """Token indices (...) -> codes (..., d)."""
+        return index_to_code(index, self.d) if self.levels is None else fsq_index_to_code(index, self.levels)
 
     def forward(self, codes, y):
         """codes (B, T, d) in {-1, +1}, labels y (B,) -> logits (B, T, K or d)."""
@@ -485,7 +572,7 @@ class Prior(nn.Module):
 
     def nll(self, index, y):
         """-log p(tokens | y) per image in nats, (B,), for token indices (B, T)."""
-        codes = index_to_code(index, self.bits)                        # (B, T, d)
+        codes = self.to_code(index)                                    # (B, T, d)
         logits = self(codes, y)
         if self.head_kind == "softmax":
             return F.cross_entropy(logits.transpose(1, 2), index, reduction="none").sum(1)
@@ -495,7 +582,7 @@ class Prior(nn.Module):
     @torch.no_grad()
     def sample(self, y, n_tokens, temperature=1.0, generator=None):
         """Ancestral sampling, one token at a time: (B,) labels -> indices (B, T)."""
-        codes = torch.zeros(len(y), n_tokens, self.bits, device=y.device)
+        codes = torch.zeros(len(y), n_tokens, self.d, device=y.device)
         index = torch.zeros(len(y), n_tokens, dtype=torch.long, device=y.device)
         for i in range(n_tokens):
             logits = self(codes[:, :i + 1], y)[:, i] / temperature      # (B, K or d)
@@ -504,7 +591,7 @@ class Prior(nn.Module):
             else:
                 u = torch.rand(logits.shape, generator=generator, device=y.device)
                 index[:, i] = code_to_index(torch.where(u < logits.sigmoid(), 1.0, -1.0))
-            codes[:, i] = index_to_code(index[:, i], self.bits)
+            codes[:, i] = self.to_code(index[:, i])
         return index
 
 
@@ -559,8 +646,12 @@ def train_tokenizer(model, x_train, args, device):
                 break
             xb = x_train[order[i * args.batch_size:(i + 1) * args.batch_size]].to(device)
             x_hat, z, q = model(xb)
-            t = lfq_loss(x_hat, xb, z, q, args.tau, args.gamma, group)
-            loss = t["recon"] + args.commit_weight * t["commit"] + args.entropy_weight * t["entropy"]
+            if model.levels is None:
+                t = lfq_loss(x_hat, xb, z, q, args.tau, args.gamma, group)
+                loss = t["recon"] + args.commit_weight * t["commit"] + args.entropy_weight * t["entropy"]
+            else:  # FSQ: the reconstruction is the whole loss
+                t = {"recon": (x_hat - xb).pow(2).mean()}
+                loss = t["recon"]
             check_finite(step, loss=loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -612,19 +703,19 @@ def evaluate_tokenizer(model, x, device, batch_size=1000):
     se, tokens = 0.0, []
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)
-        z = model.encoder(xb)
-        x_hat = model.decoder(quantize(z)).clamp(0, 1)
+        q = model.quantize(model.encoder(xb))
+        x_hat = model.decoder(q).clamp(0, 1)
         se += (x_hat - xb).pow(2).sum().item()
-        tokens.append(code_to_index(z.flatten(2).transpose(1, 2)).cpu())
+        tokens.append(model.to_index(q.flatten(2).transpose(1, 2)).cpu())
     tokens = torch.cat(tokens)  # (N, T)
-    counts = torch.bincount(tokens.flatten(), minlength=2 ** model.bits).double()
+    counts = torch.bincount(tokens.flatten(), minlength=model.codebook_size).double()
     p = counts[counts > 0] / counts.sum()
     return {"test_recon_mse": se / x.numel(),
             "codebook_usage": (counts > 0).double().mean().item(),
             "codes_used": int((counts > 0).sum()),
-            "codebook_size": 2 ** model.bits,
+            "codebook_size": model.codebook_size,
             "codebook_perplexity": math.exp(-(p * p.log()).sum().item()),
-            "bits_per_image": tokens.shape[1] * model.bits}, tokens
+            "bits_per_image": round(tokens.shape[1] * math.log2(model.codebook_size), 2)}, tokens
 
 
 @torch.no_grad()
@@ -642,7 +733,7 @@ def write_outputs(model, prior, x_test, args, device, out):
         # recon.png: rows of 16 test digits, each row followed by its reconstruction.
         ncol = min(16, len(x_test))
         x = x_test[:64 // ncol * ncol]
-        x_hat = model.decoder(quantize(model.encoder(x.to(device)))).clamp(0, 1).cpu()
+        x_hat = model.decoder(model.quantize(model.encoder(x.to(device)))).clamp(0, 1).cpu()
         rows = torch.stack([x.view(-1, ncol, 1, 28, 28), x_hat.view(-1, ncol, 1, 28, 28)], 1)
         write_png(out / "recon.png", image_grid(rows.reshape(-1, 1, 28, 28), ncol=ncol))
         if prior is None:
@@ -665,6 +756,10 @@ def parse_args(argv):
                    help="folder with the four MNIST idx .gz files (downloaded if missing)")
     p.add_argument("--out", default=f"runs/{SCRIPT}", help="output folder")
     p.add_argument("--bits", type=int, default=10, help="d, bits per token: vocabulary 2^d")
+    p.add_argument("--quantizer", choices=["lfq", "fsq"], default="lfq",
+                   help="lfq: sign bits; fsq: finite scalar quantisation, the sibling, with "
+                   "the paper's levels for about 2^bits codes (or --levels)")
+    p.add_argument("--levels", help="FSQ levels per channel, e.g. 8,5,5,5 (1,000 codes)")
     p.add_argument("--epochs", type=int, default=5, help="stage one (tokenizer) epochs")
     p.add_argument("--prior-epochs", type=int, default=3, help="stage two (prior) epochs; 0 skips it")
     p.add_argument("--steps", type=int, default=0, help="cap on optimizer steps of each stage (0: no cap)")
@@ -702,6 +797,19 @@ def parse_args(argv):
     for flag in ("epochs", "batch_size", "width", "num_samples", "prior_dim", "prior_layers"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.levels and args.quantizer != "fsq":
+        p.error("--levels is for --quantizer fsq")
+    if args.quantizer == "fsq":
+        try:
+            levels = [int(v) for v in args.levels.split(",")] if args.levels else FSQ_LEVELS[args.bits]
+        except (KeyError, ValueError):
+            p.error("--quantizer fsq needs --levels L1,L2,... (integers) or --bits in "
+                    f"{sorted(FSQ_LEVELS)}")
+        if min(levels) < 3:
+            p.error("FSQ levels must be at least 3 (2 levels is LFQ's sign)")
+        if args.prior_epochs and math.prod(levels) > 2 ** FULL_SOFTMAX_MAX_BITS:
+            p.error(f"the prior over FSQ tokens is a softmax over all codes, at most "
+                    f"{2 ** FULL_SOFTMAX_MAX_BITS:,}; use --prior-epochs 0")
     if args.prior_dim % 4:
         p.error("--prior-dim must be a multiple of 4 (the number of attention heads)")
     if args.steps < 0 or args.test_limit < 0 or args.prior_epochs < 0:
@@ -711,9 +819,17 @@ def parse_args(argv):
     return args
 
 
+def fsq_levels(cfg):
+    """The FSQ levels a config asks for, or None for LFQ."""
+    if cfg.get("quantizer", "lfq") != "fsq":
+        return None
+    return tuple(int(v) for v in cfg["levels"].split(",")) if cfg.get("levels") else FSQ_LEVELS[cfg["bits"]]
+
+
 def build(cfg, device):
-    model = Tokenizer(cfg["bits"], cfg["width"]).to(device)
-    prior = (Prior(cfg["bits"], dim=cfg["prior_dim"], layers=cfg["prior_layers"]).to(device)
+    levels = fsq_levels(cfg)
+    model = Tokenizer(cfg["bits"], cfg["width"], levels).to(device)
+    prior = (Prior(cfg["bits"], dim=cfg["prior_dim"], layers=cfg["prior_layers"], levels=levels).to(device)
              if cfg["prior_epochs"] > 0 else None)
     return model, prior
 
@@ -754,7 +870,8 @@ def run(args):
         metrics["test_prior_nll_bits"] = evaluate_prior(prior, test_tokens, y_test, device)
         metrics["prior_head"] = prior.head_kind
     write_outputs(model, prior, x_test, args, device, out)
-    metrics.update(bits=model.bits, train_seconds=round(train_seconds, 1), steps_stage1=steps[0],
+    metrics.update(quantizer="fsq" if model.levels else "lfq", levels=list(model.levels or [2] * model.dim),
+                   bits=round(math.log2(model.codebook_size), 2), train_seconds=round(train_seconds, 1), steps_stage1=steps[0],
                    steps_stage2=steps[1], device=str(device), test_images=len(x_test))
     if not args.sample_only:
         write_metrics(out / "metrics.json", metrics)

@@ -150,6 +150,45 @@ def test_lfq_loss_returns_every_term():
     assert on_corner["commit"].item() == 0.0
 
 
+# ----------------------------------------------------------------------------- FSQ, the sibling
+
+@pytest.mark.parametrize("levels", [(8, 5, 5, 5), (3, 4), (7, 6, 3)])
+def test_fsq_index_code_bijection_on_an_even_grid(levels):
+    K = math.prod(levels)
+    index = torch.arange(K)
+    codes = lfq.fsq_index_to_code(index, levels)                      # (K, d)
+    assert torch.equal(lfq.fsq_code_to_index(codes, levels), index)
+    assert len({tuple(c) for c in codes.tolist()}) == K               # K distinct codes
+    for i, L in enumerate(levels):                                    # channel i: L levels,
+        values = np.array(sorted(set(codes[:, i].tolist())))          # -1 upwards in steps
+        assert len(values) == L and values[0] == -1.0 and values[-1] <= 1.0  # of 1 / floor(L/2)
+        np.testing.assert_allclose(np.diff(values), 1 / (L // 2))
+    # Channel 0 is the least significant digit: index 1 differs from index 0 there only.
+    assert torch.nonzero(codes[1] != codes[0]).flatten().tolist() == [0]
+
+
+def test_fsq_quantize_reaches_every_level_and_passes_the_bound_gradient():
+    levels = (8, 5, 4, 3)
+    z = torch.linspace(-8, 8, 4001, dtype=torch.float64).view(1, 1, -1, 1).repeat(1, 4, 1, 1)
+    z.requires_grad_(True)
+    q = lfq.fsq_quantize(z, levels)                                   # (1, 4, N, 1)
+    codes = q.detach()[0, :, :, 0].T                                  # (N, 4)
+    for i, L in enumerate(levels):
+        assert codes[:, i].unique().numel() == L                      # every level is reached
+    # The values are exactly the grid that the index functions decode to.
+    assert torch.equal(lfq.fsq_index_to_code(lfq.fsq_code_to_index(codes, levels), levels).double(),
+                       codes)
+    assert torch.all(lfq.fsq_quantize(torch.zeros(1, 4, 1, 1), levels) == 0)  # 0 -> level 0
+    # Straight-through rounding: the gradient is the bound's, never the zero of round().
+    g = torch.rand_like(z) + 0.5
+    (q * g).sum().backward()
+    assert torch.all(z.grad > 0)
+    for i, L in enumerate(levels):
+        if L % 2:  # odd L: no offset, bound = tanh(z) (L - 1)(1 - eps) / 2, divided by (L - 1) / 2
+            expected = g[0, i] * (1 - torch.tanh(z.detach()[0, i]) ** 2) * (1 - 1e-3)
+            torch.testing.assert_close(z.grad[0, i], expected)
+
+
 # ----------------------------------------------------------------------------- prior
 
 @pytest.mark.parametrize("head", ["softmax", "bits"])
@@ -248,6 +287,31 @@ def test_stage_one_only_run(tiny_mnist_dir, tmp_path):
                   "--prior-epochs", "0"] + SMALL)
     assert m["codebook_size"] == 2 ** 16 and m["steps_stage2"] == 0
     assert "test_prior_nll_bits" not in m and (out / "recon.png").is_file()
+
+
+def test_cli_fsq_run_and_reload(tiny_mnist_dir, tmp_path):
+    out = tmp_path / "fsq"
+    m = lfq.main(["--data-dir", str(tiny_mnist_dir), "--out", str(out), "--quantizer", "fsq",
+                  "--bits", "8"] + SMALL)
+    assert m["quantizer"] == "fsq" and m["levels"] == [8, 6, 5] and m["codebook_size"] == 240
+    assert m["bits_per_image"] == pytest.approx(49 * math.log2(240), abs=0.01)
+    assert 0 < m["codes_used"] <= 240 and m["test_prior_nll_bits"] > 0
+    assert np.load(out / "samples.npy").shape == (4, 1, 28, 28)
+    again = lfq.main(["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path / "again"),
+                      "--sample-only", "--ckpt", str(out / "model.pt")] + SMALL)
+    assert again["test_recon_mse"] == pytest.approx(m["test_recon_mse"], rel=1e-5)
+    assert again["codebook_size"] == 240
+
+
+@pytest.mark.parametrize("argv", [["--quantizer", "fsq", "--bits", "11"],
+                                  ["--quantizer", "fsq", "--levels", "2,5"],
+                                  ["--quantizer", "fsq", "--levels", "8,x"],
+                                  ["--levels", "8,5,5,5"],
+                                  ["--quantizer", "fsq", "--bits", "16"]])  # prior over 64,000
+def test_bad_fsq_flags_are_refused(argv):
+    with pytest.raises(SystemExit) as e:
+        lfq.parse_args(argv)
+    assert e.value.code == 2
 
 
 def test_bad_input_gives_one_line_errors(tmp_path, tiny_mnist_dir):
