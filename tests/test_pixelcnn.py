@@ -106,6 +106,11 @@ def test_activations_keep_a_sane_scale_at_init(mnist_dir, layers):
 def test_conditioning_changes_the_output_and_unconditional_ignores_it():
     x = torch.randint(0, 2, (2, 1, 12, 12)).float()
     cond = P.GatedPixelCNN(channels=8, layers=3, num_classes=10)
+    # Zero label embeddings at init: the conditional model starts as an unconditional one.
+    assert torch.equal(cond(x, torch.tensor([0, 1])), cond(x, torch.tensor([7, 7])))
+    # Once the embeddings have moved (as training moves them) the label matters.
+    for layer in cond.layers:
+        torch.nn.init.normal_(layer.embed.weight, std=0.1)
     a, b = cond(x, torch.tensor([0, 1])), cond(x, torch.tensor([7, 7]))
     assert (a - b).abs().amax(dim=(1, 2, 3)).min() > 1e-3
     uncond = P.GatedPixelCNN(channels=8, layers=3, num_classes=0)
@@ -166,6 +171,43 @@ def test_loss_falls_on_a_fixed_batch(mnist_dir):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_weight_average_follows_its_warm_up_formula(mnist_dir):
+    """One step with --ema-decay: d_0 = min(decay, 1/10) = 0.1, so the averaged
+    weights are 0.1 w_0 + 0.9 w_1 (mostly the trained weights, not the random start)."""
+    u8, y = P.mnist_uint8(mnist_dir, "test")
+    args = P.parse_args(["--steps", "1", "--batch-size", "8", "--ema-decay", "0.999",
+                         "--precision", "fp32"])
+    P.seed_everything(0)
+    model = P.GatedPixelCNN(levels=2, channels=8, layers=2)
+    w0 = [w.detach().clone() for w in model.parameters()]
+    average, steps = P.train(model, u8[:8], y[:8], args, torch.device("cpu"))
+    assert steps == 1 and average is not model
+    moved = 0
+    for a, w, start in zip(average.parameters(), model.parameters(), w0):
+        torch.testing.assert_close(a, 0.1 * start + 0.9 * w.detach())
+        moved += int(not torch.equal(w, start))
+    assert moved > 0  # the step did change the weights, so the check above has teeth
+
+
+def test_bf16_training_lowers_the_loss_and_each_epoch_is_logged_and_saved(
+        tiny_mnist_dir, tmp_path, capsys):
+    u8, y = P.mnist_uint8(tiny_mnist_dir, "train")   # 64 images: 4 steps per epoch
+    args = P.parse_args(["--epochs", "3", "--batch-size", "16", "--lr", "3e-3",
+                         "--precision", "bf16"])
+    P.seed_everything(0)
+    model = P.GatedPixelCNN(levels=2, channels=16, layers=3)
+    x = P.quantise(u8[:16], 2, generator=torch.Generator().manual_seed(0))
+    monitor = (x, y[:16])
+    before = P.evaluate(model, *monitor, torch.device("cpu"), show_progress=False)
+    model, steps = P.train(model, u8, y, args, torch.device("cpu"), monitor, tmp_path)
+    after = P.evaluate(model, *monitor, torch.device("cpu"), show_progress=False)
+    assert steps == 12
+    assert after["test_nll_nats"] < 0.7 * before["test_nll_nats"], (before, after)
+    logged = [l for l in capsys.readouterr().out.splitlines() if l.startswith("epoch ")]
+    assert [l.split(":")[0] for l in logged] == ["epoch 1", "epoch 2"]  # not after the last
+    assert P.load_checkpoint(tmp_path / "model.pt")["config"]["epochs"] == 3
 
 
 def test_cli_smoke_run_writes_every_output_and_sample_only_reloads(tiny_mnist_dir, tmp_path, capsys):
