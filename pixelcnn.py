@@ -36,6 +36,7 @@ Run:   python pixelcnn.py                       (about 10 minutes on a 2-core CP
        python pixelcnn.py --unconditional
        python pixelcnn.py --levels 4 --temperature 0.9
        python pixelcnn.py --sample-only --ckpt runs/pixelcnn/model.pt
+       python pixelcnn.py ... --resume    (go on after a stop, from the last full epoch)
 Writes runs/pixelcnn/: samples.png (one row per digit class), samples.npy, model.pt,
 metrics.json (test_nll_nats, test_bits_per_dim, train_images_per_second, ...).
 
@@ -416,7 +417,18 @@ def nll_per_image(logits, x):
 
 # ----------------------------------------------------------------------------- train / evaluate / sample
 
-def train(model, images, labels, args, device, monitor=None, out=None):
+# Settings that a resumed run must share with the run it continues: the model's shape,
+# the data order, and the learning-rate and averaging schedules.
+RESUME_MUST_MATCH = ("channels", "layers", "levels", "unconditional", "batch_size", "lr",
+                     "epochs", "steps", "ema_decay", "seed", "precision")
+
+
+def learning_rate(args, step, total):
+    """Cosine decay from lr at step 0 to 0 at the last step."""
+    return args.lr * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+
+def train(model, images, labels, args, device, monitor=None, out=None, resume=False):
     """Adam on the mean NLL per image, learning rate on a cosine from lr to 0.
 
     With --ema-decay, an exponential moving average of the weights (Polyak averaging,
@@ -424,21 +436,28 @@ def train(model, images, labels, args, device, monitor=None, out=None):
     d_t = min(decay, (1 + t) / (10 + t)) so that the random initial weights are
     forgotten early (with a constant 0.999 they would still weigh 0.999^1000 = 37%
     after 1,000 steps). It is the average that is evaluated, sampled and saved
-    (run long: in short runs the cosine decay already averages). After every full epoch the
-    (averaged) model is scored on the `monitor` images (x, y) -- a learning curve in
-    the log -- and saved to out/model.pt, so a long run stopped early keeps its last
-    epoch. Returns (the model to use, optimizer steps taken)."""
+    (run long: in short runs the cosine decay already averages).
+
+    After every full epoch but the last, the (averaged) model is scored on the
+    `monitor` images (x, y) -- a learning curve in the log -- and saved to
+    out/model.pt, and everything training needs to go on (weights, average, Adam's
+    moments, step, random-number state) to out/train_state.pt. With resume=True
+    training starts from that file and ends with the weights an uninterrupted run
+    would have had. Returns (the model to use, steps done, the step it started at)."""
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     steps_per_epoch = len(images) // args.batch_size
     total = max(1, int(args.epochs * steps_per_epoch))
     if args.steps:
         total = min(total, args.steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     average = copy.deepcopy(model).requires_grad_(False) if args.ema_decay else None
-    progress = Progress(total)
-    images, labels = images.to(device), labels.to(device)
     step = 0
+    state_path = Path(out) / "train_state.pt" if out is not None else None
+    if resume:
+        step = load_train_state(state_path, model, average, opt, args, device)
+        print(f"resumed from {state_path} at step {step:,} of {total:,}", flush=True)
+    first_step = step
+    progress = Progress(total - first_step)
+    images, labels = images.to(device), labels.to(device)
     while step < total:
         model.train()
         order = torch.randperm(len(images), device=device)
@@ -453,14 +472,15 @@ def train(model, images, labels, args, device, monitor=None, out=None):
             check_finite(step, nll=loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(args, step, total)
             opt.step()
-            sched.step()
             if average is not None:  # w_avg <- w_avg + (1 - d_t) (w - w_avg)
                 d_t = min(args.ema_decay, (1 + step) / (10 + step))
                 for w_avg, w in zip(average.parameters(), model.parameters()):
                     w_avg.lerp_(w.detach(), 1 - d_t)
             step += 1
-            progress.update(step, len(x), nll_nats=loss.item())
+            progress.update(step - first_step, len(x), nll_nats=loss.item())
         if step % steps_per_epoch == 0 and step < total:  # a full epoch, not the last
             use = average or model
             if monitor is not None:
@@ -471,8 +491,42 @@ def train(model, images, labels, args, device, monitor=None, out=None):
                     line += f" (averaged weights; last weights {last:.2f})"
                 print(f"{line} on the first {len(monitor[0]):,} test images", flush=True)
             if out is not None:
-                save_checkpoint(out / "model.pt", use.state_dict(), vars(args))
-    return average or model, step
+                save_checkpoint(Path(out) / "model.pt", use.state_dict(), vars(args))
+                save_train_state(state_path, model, average, opt, step, args, device)
+    if state_path is not None and state_path.exists():
+        state_path.unlink()  # finished: nothing left to resume
+    return average or model, step, first_step
+
+
+def save_train_state(path, model, average, opt, step, args, device):
+    state = {"script": SCRIPT, "config": vars(args), "step": step,
+             "model": model.state_dict(), "opt": opt.state_dict(),
+             "average": average.state_dict() if average is not None else None,
+             # The next epoch's data order and binarisation come from these generators.
+             "rng_cpu": torch.get_rng_state(),
+             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_train_state(path, model, average, opt, args, device):
+    """Restore what save_train_state wrote; return the step to go on from."""
+    if path is None or not path.is_file():
+        raise RunError(f"--resume: {path} not found (it is written after every full epoch "
+                       f"but the last, and removed when training ends)")
+    state = load_checkpoint(path)
+    differ = [k for k in RESUME_MUST_MATCH if state["config"].get(k) != vars(args).get(k)]
+    if differ:
+        raise RunError(f"--resume: {path} was written with different "
+                       + ", ".join(f"--{k.replace('_', '-')} ({state['config'].get(k)})"
+                                   for k in differ))
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    if average is not None:
+        average.load_state_dict(state["average"])
+    torch.set_rng_state(state["rng_cpu"])
+    if device.type == "cuda" and state["rng_cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+    return state["step"]
 
 
 def autocast(device, precision):
@@ -564,6 +618,9 @@ def parse_args(argv):
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
                    help="training autocast (evaluation and sampling run in fp32); use fp32 "
                    "on a CPU without bf16 instructions (AVX512-bf16 or AMX), where bf16 is slow")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from <out>/train_state.pt, written after every epoch (same "
+                   "flags as the stopped run)")
     p.add_argument("--monitor", type=int, default=1000,
                    help="after every epoch, log the NLL of the first N test images (0: off)")
     p.add_argument("--channels", type=int, default=32, help="channels C of each stack")
@@ -583,6 +640,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.sample_only and not args.ckpt:
         p.error("--sample-only needs --ckpt PATH")
+    if args.sample_only and args.resume:
+        p.error("--resume continues training; it does not go with --sample-only")
     if not args.epochs > 0:
         p.error("--epochs must be positive")
     for flag in ("batch_size", "channels", "layers", "num_samples"):
@@ -636,7 +695,7 @@ def run(args):
     out.mkdir(parents=True, exist_ok=True)
     if args.sample_only:
         model, cfg = load_model(args.ckpt, device)
-        steps, epochs, train_seconds, images_per_s = 0, 0, 0.0, 0.0
+        steps, first_step, epochs, train_seconds, images_per_s = 0, 0, 0, 0.0, 0.0
     else:
         cfg = vars(args)
         model = build_model(cfg).to(device)
@@ -651,9 +710,10 @@ def run(args):
               f"receptive field {model.rows_above} rows up", flush=True)
         start = time.time()
         monitor = (x_test[:args.monitor], y_test[:args.monitor]) if args.monitor else None
-        model, steps = train(model, train_u8, y_train, args, device, monitor, out)
+        model, steps, first_step = train(model, train_u8, y_train, args, device, monitor,
+                                         out, resume=args.resume)
         train_seconds = time.time() - start
-        images_per_s = steps * args.batch_size / train_seconds
+        images_per_s = (steps - first_step) * args.batch_size / train_seconds
         epochs = steps * args.batch_size / len(train_u8)
         save_checkpoint(out / "model.pt", model.state_dict(), cfg)
     start = time.time()
@@ -661,7 +721,8 @@ def run(args):
     eval_seconds = time.time() - start
     sample_seconds = write_outputs(model, args, device, out)
     metrics.update(conditional=not cfg["unconditional"], levels=cfg["levels"],
-                   train_seconds=round(train_seconds, 1), steps=steps, epochs=round(epochs, 3),
+                   train_seconds=round(train_seconds, 1), steps=steps, resumed_at_step=first_step,
+                   epochs=round(epochs, 3),
                    train_images_per_second=round(images_per_s, 1),
                    eval_seconds=round(eval_seconds, 1), sample_seconds=round(sample_seconds, 1),
                    num_samples=args.num_samples, temperature=args.temperature,

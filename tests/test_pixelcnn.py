@@ -182,8 +182,8 @@ def test_weight_average_follows_its_warm_up_formula(mnist_dir):
     P.seed_everything(0)
     model = P.GatedPixelCNN(levels=2, channels=8, layers=2)
     w0 = [w.detach().clone() for w in model.parameters()]
-    average, steps = P.train(model, u8[:8], y[:8], args, torch.device("cpu"))
-    assert steps == 1 and average is not model
+    average, steps, first = P.train(model, u8[:8], y[:8], args, torch.device("cpu"))
+    assert steps == 1 and first == 0 and average is not model
     moved = 0
     for a, w, start in zip(average.parameters(), model.parameters(), w0):
         torch.testing.assert_close(a, 0.1 * start + 0.9 * w.detach())
@@ -201,13 +201,67 @@ def test_bf16_training_lowers_the_loss_and_each_epoch_is_logged_and_saved(
     x = P.quantise(u8[:16], 2, generator=torch.Generator().manual_seed(0))
     monitor = (x, y[:16])
     before = P.evaluate(model, *monitor, torch.device("cpu"), show_progress=False)
-    model, steps = P.train(model, u8, y, args, torch.device("cpu"), monitor, tmp_path)
+    model, steps, _ = P.train(model, u8, y, args, torch.device("cpu"), monitor, tmp_path)
     after = P.evaluate(model, *monitor, torch.device("cpu"), show_progress=False)
     assert steps == 12
     assert after["test_nll_nats"] < 0.7 * before["test_nll_nats"], (before, after)
     logged = [l for l in capsys.readouterr().out.splitlines() if l.startswith("epoch ")]
     assert [l.split(":")[0] for l in logged] == ["epoch 1", "epoch 2"]  # not after the last
     assert P.load_checkpoint(tmp_path / "model.pt")["config"]["epochs"] == 3
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
+        tiny_mnist_dir, tmp_path, monkeypatch):
+    """Stop in the middle of epoch 2, resume from the state saved after epoch 1 in a
+    'new process' (other seed, fresh random model): every weight, and the average,
+    must come out bit-identical -- Adam's moments, the cosine schedule's position,
+    the EMA and the data order and binarisation (random-number state) all restored."""
+    u8, y = P.mnist_uint8(tiny_mnist_dir, "train")   # 64 images: 4 steps per epoch
+    args = P.parse_args(["--epochs", "3", "--batch-size", "16", "--ema-decay", "0.9",
+                         "--precision", "fp32", "--channels", "8", "--layers", "3"])
+    cpu = torch.device("cpu")
+
+    def fresh(seed):
+        P.seed_everything(seed)
+        return P.build_model(vars(args))
+
+    straight, steps, _ = P.train(fresh(0), u8, y, args, cpu, out=tmp_path / "a")
+    assert steps == 12 and not (tmp_path / "a" / "train_state.pt").exists()
+
+    real_update = P.Progress.update
+
+    def stop_in_epoch_two(self, count, *rest, **kw):
+        if count == 6:
+            raise Stop
+        return real_update(self, count, *rest, **kw)
+
+    monkeypatch.setattr(P.Progress, "update", stop_in_epoch_two)
+    with pytest.raises(Stop):
+        P.train(fresh(0), u8, y, args, cpu, out=tmp_path / "b")
+    monkeypatch.setattr(P.Progress, "update", real_update)
+    assert P.load_checkpoint(tmp_path / "b" / "train_state.pt")["step"] == 4
+
+    resumed, steps, first = P.train(fresh(1), u8, y, args, cpu, out=tmp_path / "b", resume=True)
+    assert (steps, first) == (12, 4)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+    # A resume with other settings than the stopped run is refused in one line.
+    P.train(fresh(0), u8, y, args, cpu, out=tmp_path / "c", monitor=None)
+    other = P.parse_args(["--epochs", "3", "--batch-size", "16", "--ema-decay", "0.9",
+                          "--precision", "fp32", "--channels", "8", "--layers", "3",
+                          "--lr", "1e-3"])
+    monkeypatch.setattr(P.Progress, "update", stop_in_epoch_two)
+    with pytest.raises(Stop):
+        P.train(fresh(0), u8, y, args, cpu, out=tmp_path / "d")
+    with pytest.raises(P.RunError, match="--lr"):
+        P.train(fresh(0), u8, y, other, cpu, out=tmp_path / "d", resume=True)
+    with pytest.raises(P.RunError, match="not found"):
+        P.train(fresh(0), u8, y, args, cpu, out=tmp_path / "c", resume=True)
 
 
 def test_cli_smoke_run_writes_every_output_and_sample_only_reloads(tiny_mnist_dir, tmp_path, capsys):
