@@ -34,6 +34,7 @@ dims, T time (samples), Q = 256 mu-law classes.
 Run:   python wavenet.py                       (15-18 minutes on a 2-core CPU)
        python wavenet.py --data tones --steps 300
        python wavenet.py --sample-only --ckpt runs/wavenet/model.pt --temperature 0.9
+       python wavenet.py ... --resume     (go on after a stop; state saved every 500 steps)
 Writes runs/wavenet/: samples_digit{0..9}.wav (one second each), samples.npy (int16
 PCM, (N, T)), spectrograms.png (per digit: a real test recording, then the samples),
 model.pt, metrics.json (test_nll_bits_per_sample, receptive field,
@@ -622,12 +623,28 @@ def learning_rate(step, total, peak, warmup):
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
-def train(model, data, speakers, args, device):
+# Settings that a resumed run must share with the run it continues.
+RESUME_MUST_MATCH = ("steps", "batch_size", "crop", "lr", "warmup", "channels", "skip_channels",
+                     "cond_channels", "stacks", "max_dilation", "condition", "precision",
+                     "seed", "data")
+
+
+def train(model, data, speakers, args, device, out=None, resume=False):
+    """Adam with warm-up and cosine decay on random crops. Every --save-every steps the
+    weights go to out/model.pt and everything training needs to go on (weights, Adam's
+    moments, step, the crop sampler's random state) to out/train_state.pt; with
+    resume=True training starts from there and ends with the weights an uninterrupted
+    run would have had. Returns (steps done, the step it started at)."""
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     rng = np.random.default_rng(args.seed)
-    progress = Progress(args.steps)
+    state_path = Path(out) / "train_state.pt" if out is not None else None
+    first_step = 0
+    if resume:
+        first_step = load_train_state(state_path, model, opt, rng, args)
+        print(f"resumed from {state_path} at step {first_step:,} of {args.steps:,}", flush=True)
+    progress = Progress(args.steps - first_step)
     model.train()
-    for step in range(args.steps):
+    for step in range(first_step, args.steps):
         lr = learning_rate(step, args.steps, args.lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -641,8 +658,40 @@ def train(model, data, speakers, args, device):
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # rare spikes from silence/clicks
         opt.step()
-        progress.update(step + 1, len(x), nll_bits=loss.item() / math.log(2), lr=lr)
-    return args.steps
+        progress.update(step + 1 - first_step, len(x), nll_bits=loss.item() / math.log(2), lr=lr)
+        if (out is not None and args.save_every and (step + 1) % args.save_every == 0
+                and step + 1 < args.steps):
+            save_checkpoint(Path(out) / "model.pt", model.state_dict(),
+                            dict(vars(args), speakers=speakers))
+            save_train_state(state_path, model, opt, rng, step + 1, args)
+    if state_path is not None and state_path.exists():
+        state_path.unlink()  # finished: nothing left to resume
+    return args.steps, first_step
+
+
+def save_train_state(path, model, opt, rng, step, args):
+    state = {"script": SCRIPT, "config": vars(args), "step": step,
+             "model": model.state_dict(), "opt": opt.state_dict(),
+             # numpy's generator state holds 128-bit integers: kept as JSON text.
+             "rng": json.dumps(rng.bit_generator.state)}
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_train_state(path, model, opt, rng, args):
+    """Restore what save_train_state wrote; return the step to go on from."""
+    if path is None or not path.is_file():
+        raise RunError(f"--resume: {path} not found (it is written every --save-every steps "
+                       f"and removed when training ends)")
+    state = load_checkpoint(path)
+    differ = [k for k in RESUME_MUST_MATCH if state["config"].get(k) != vars(args).get(k)]
+    if differ:
+        raise RunError(f"--resume: {path} was written with different "
+                       + ", ".join(f"--{k.replace('_', '-')} ({state['config'].get(k)})"
+                                   for k in differ))
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    rng.bit_generator.state = json.loads(state["rng"])
+    return state["step"]
 
 
 def rms_dbfs(audio, frame=400):
@@ -859,12 +908,20 @@ def parse_args(argv):
                    help="samples over which naive generation is timed (then extrapolated)")
     p.add_argument("--test-limit", type=int, default=0,
                    help="evaluate on the first N test recordings only (0: all)")
+    p.add_argument("--save-every", type=int, default=500,
+                   help="write model.pt and train_state.pt every N steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from <out>/train_state.pt (same flags as the stopped run)")
     p.add_argument("--sample-only", action="store_true",
                    help="skip training: load --ckpt, evaluate and sample")
     p.add_argument("--ckpt", help="checkpoint to load with --sample-only")
     args = p.parse_args(argv)
     if args.sample_only and not args.ckpt:
         p.error("--sample-only needs --ckpt PATH")
+    if args.sample_only and args.resume:
+        p.error("--resume continues training; it does not go with --sample-only")
+    if args.save_every < 0:
+        p.error("--save-every must be >= 0")
     for flag in ("steps", "batch_size", "crop", "channels", "skip_channels", "cond_channels",
                  "stacks", "max_dilation", "num_samples", "naive_steps"):
         if getattr(args, flag) < 1:
@@ -903,7 +960,7 @@ def run(args):
         if {s for _, _, s in test} - set(speakers):
             raise RunError(f"{args.ckpt} was trained on other speakers ({', '.join(speakers)}); "
                            f"pass the --data it was trained on")
-        steps, train_seconds = 0, 0.0
+        steps, first_step, train_seconds = 0, 0, 0.0
     else:
         speakers = sorted({s for _, _, s in train_set})
         model = build_model(vars(args), len(speakers)).to(device)
@@ -911,7 +968,7 @@ def run(args):
               f"{sum(p.numel() for p in model.parameters()):,} parameters, receptive field "
               "%d samples (%.0f ms)" % receptive_field(model), flush=True)
         start = time.time()
-        steps = train(model, train_set, speakers, args, device)
+        steps, first_step = train(model, train_set, speakers, args, device, out, args.resume)
         train_seconds = time.time() - start
         save_checkpoint(out / "model.pt", model.state_dict(), dict(vars(args), speakers=speakers))
     if args.speaker not in speakers:
@@ -929,7 +986,8 @@ def run(args):
     metrics.update(gen_metrics)
     if args.judge_steps:
         metrics.update(judge_samples(train_set, test, pcm, digit, args, device, out))
-    metrics.update(train_seconds=round(train_seconds, 1), steps=steps, device=str(device),
+    metrics.update(train_seconds=round(train_seconds, 1), steps=steps,
+                   resumed_at_step=first_step, device=str(device),
                    data=args.data)
     if not args.sample_only:
         write_metrics(out / "metrics.json", metrics)

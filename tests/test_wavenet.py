@@ -216,6 +216,62 @@ def test_cli_smoke_run_writes_every_output_and_sample_only_reloads(tmp_path, cap
     assert np.array_equal(np.load(tmp_path / "again" / "samples.npy"), pcm)
 
 
+class Stop(Exception):
+    pass
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Stop after step 3, resume from the state saved at step 2 in a 'new process' (a
+    fresh, differently seeded model): the weights must come out bit-identical -- Adam's
+    moments, the schedule's position and the crop sampler's random state restored."""
+    train, _ = W.make_tones()
+    speakers = sorted({s for _, _, s in train})
+    args = W.parse_args(TINY[:2] + ["--steps", "6", "--save-every", "2", "--warmup", "2",
+                                    "--precision", "fp32", "--channels", "8",
+                                    "--skip-channels", "8", "--max-dilation", "16",
+                                    "--crop", "300"])
+    cpu = torch.device("cpu")
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        return W.build_model(vars(args), len(speakers))
+
+    straight = fresh(0)
+    assert W.train(straight, train, speakers, args, cpu, out=tmp_path / "a") == (6, 0)
+    assert (tmp_path / "a" / "model.pt").is_file()           # saved along the way
+    assert not (tmp_path / "a" / "train_state.pt").exists()  # finished: nothing to resume
+
+    real_update = W.Progress.update
+
+    def stop_after_three(self, count, *rest, **kw):
+        real_update(self, count, *rest, **kw)
+        if count == 3:
+            raise Stop
+
+    monkeypatch.setattr(W.Progress, "update", stop_after_three)
+    with pytest.raises(Stop):
+        W.train(fresh(0), train, speakers, args, cpu, out=tmp_path / "b")
+    monkeypatch.setattr(W.Progress, "update", real_update)
+    assert W.load_checkpoint(tmp_path / "b" / "train_state.pt")["step"] == 2
+
+    resumed = fresh(1)
+    assert W.train(resumed, train, speakers, args, cpu, out=tmp_path / "b", resume=True) == (6, 2)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+    other = W.parse_args(TINY[:2] + ["--steps", "6", "--save-every", "2", "--warmup", "2",
+                                     "--precision", "fp32", "--channels", "8",
+                                     "--skip-channels", "8", "--max-dilation", "16",
+                                     "--crop", "400"])
+    monkeypatch.setattr(W.Progress, "update", stop_after_three)
+    with pytest.raises(Stop):
+        W.train(fresh(0), train, speakers, args, cpu, out=tmp_path / "c")
+    with pytest.raises(W.RunError, match="--crop"):
+        W.train(fresh(0), train, speakers, other, cpu, out=tmp_path / "c", resume=True)
+    with pytest.raises(W.RunError, match="not found"):
+        W.train(fresh(0), train, speakers, args, cpu, out=tmp_path / "a", resume=True)
+
+
 def test_missing_data_offline_is_one_clear_line(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
