@@ -45,9 +45,9 @@ Default run, measured on a 2-core AMD EPYC: 9m46s wall = 7m43s training (1.2 epo
 test images + 89 s sampling 100 digits; class-conditional test NLL 85.05 nats = 0.157
 bits/dim. Unconditional (--unconditional, 8m00s): 89.49 nats. The label embeddings
 start at zero: with nn.Embedding's default N(0, 1) rows, which shift every gate at
-random, the conditional model scored 95.7 nats after 1,000 steps (a one-off scratch
-comparison, see the README) where the zero start
-scored 87.9 and the unconditional model 91.3 (first 2,000 test images).
+random, the conditional model scored 95.7 nats after 1,000 steps where the zero start
+scored 87.9 and the unconditional model 91.3 (first 2,000 test images; a one-off
+scratch comparison, see the README).
 Published, after full training: 81.30 nats (PixelCNN, van den Oord et al. 2016a).
 """
 
