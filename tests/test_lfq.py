@@ -1,5 +1,6 @@
-"""Tests for lfq.py: the sign quantiser, its index convention, the entropy loss
-against brute force, the causal prior, and the command line."""
+"""Tests for lfq.py: the sign quantiser, its index convention and straight-through gradient,
+the entropy loss against brute force, FSQ, the token prior and its sampler, and the command
+line with its errors."""
 
 import itertools
 import json
@@ -8,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lfq
 
@@ -40,31 +42,62 @@ def test_quantize_is_exactly_pm1_and_straight_through():
     assert torch.equal(lfq.index_to_code(idx, 6), q.detach().permute(0, 2, 3, 1).float())
 
 
+@pytest.mark.parametrize("levels", [None, (8, 5, 5, 5)])
+def test_straight_through_gradient_from_the_reconstruction_term_alone(levels):
+    """Catches the straight-through estimator removed (z_q = sign(z_e), or FSQ's plain
+    round): the encoder would get no gradient from the reconstruction, only from the
+    commitment and entropy terms. From recon alone, dL/dz_e must be dL/dz_q (LFQ), or
+    dL/dz_q times the derivative of FSQ's bound, and reach the encoder's weights."""
+    torch.manual_seed(0)
+    model = lfq.Tokenizer(bits=4, width=8, levels=levels).double()
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    x_hat, z_e, z_q = model(x)
+    recon = (x_hat - x).pow(2).mean()
+    g_e, g_q = torch.autograd.grad(recon, (z_e, z_q), retain_graph=True)
+    assert g_q.abs().sum() > 0
+    if levels is None:
+        assert torch.equal(g_e, g_q)
+    else:  # z_q = round(bound(z_e)) / floor(L/2), d bound / dz = half (1 - tanh^2(z + shift))
+        L = torch.tensor(levels, dtype=torch.float64).view(1, -1, 1, 1)
+        half = (L - 1) * (1 - 1e-3) / 2
+        shift = torch.atanh(0.5 * (L % 2 == 0) / half)
+        slope = half * (1 - torch.tanh(z_e.detach() + shift) ** 2) / (L // 2)
+        torch.testing.assert_close(g_e, g_q * slope)
+    model.zero_grad()
+    recon.backward()
+    assert model.encoder[0].weight.grad.abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------- entropy loss
 
-def brute_force_entropies(z, tau, group_bits):
-    """Loop over codes: p(c|z) from explicit distances -||z - c||^2 / tau, per group."""
+def brute_force_entropies(z, tau, groups):
+    """Loop over codes: p(c|z) from explicit distances -||z - c||^2 / tau, per group of bits."""
     n, d = z.shape
-    per_sample, batch = 0.0, 0.0
-    for g0 in range(0, d, group_bits):
-        codes = list(itertools.product([-1.0, 1.0], repeat=group_bits))
+    per_sample, batch, g0 = 0.0, 0.0, 0
+    for g in groups:
+        codes = list(itertools.product([-1.0, 1.0], repeat=g))
         p = np.zeros((n, len(codes)))
         for k, c in enumerate(codes):
-            p[:, k] = np.exp(-((z[:, g0:g0 + group_bits] - np.array(c)) ** 2).sum(1) / tau)
+            p[:, k] = np.exp(-((z[:, g0:g0 + g] - np.array(c)) ** 2).sum(1) / tau)
         p /= p.sum(1, keepdims=True)
         per_sample += -(p * np.log(p)).sum(1).mean()
         avg = p.mean(0)
         batch += -(avg * np.log(avg)).sum()
+        g0 += g
     return per_sample, batch
 
 
-@pytest.mark.parametrize("group_bits", [4, 2, 1])
-def test_entropy_terms_match_brute_force(group_bits):
+@pytest.mark.parametrize("groups", [(4,), (2, 2), (1, 1, 1, 1), (3, 1), (1, 3)])
+def test_entropy_terms_match_brute_force(groups):
+    """Also groups of unequal size, in either order (catches wrong group offsets)."""
     z = torch.randn(7, 4, dtype=torch.float64)
-    per_sample, batch = lfq.entropy_terms(z, 0.7, group_bits)
-    ps_ref, b_ref = brute_force_entropies(z.numpy(), 0.7, group_bits)
+    z[:, 3] = z[:, 0] + 0.3 * z[:, 3]  # correlated bits, so (3, 1) and (1, 3) differ
+    per_sample, batch = lfq.entropy_terms(z, 0.7, groups)
+    ps_ref, b_ref = brute_force_entropies(z.numpy(), 0.7, groups)
     assert per_sample.item() == pytest.approx(ps_ref, rel=1e-10)
     assert batch.item() == pytest.approx(b_ref, rel=1e-10)
+    if len(set(groups)) == 1:  # one size: the int form means the same
+        assert lfq.entropy_terms(z, 0.7, groups[0])[1].item() == pytest.approx(b_ref, rel=1e-10)
 
 
 def test_batch_entropy_maximal_for_uniform_use_and_per_sample_zero_when_confident():
@@ -98,12 +131,13 @@ def test_exact_and_per_bit_forms_agree_per_sample_and_per_bit_bounds_batch():
     assert per_bit[1].item() > exact[1].item() + 0.05
 
 
-@pytest.mark.parametrize("d", [10, 16])
+@pytest.mark.parametrize("d", [10, 17])
 def test_exact_batch_entropy_from_two_halves_equals_the_full_softmax(d):
     """For d > 8 the batch entropy is computed from P_low^T P_high, never building the
     (N, 2^d) table. It must equal, in value and in gradient, the entropy of the batch
     average of the full softmax over all 2^d codes, also when the bits are correlated
-    across the two halves (where a sum of two half entropies would be too high)."""
+    across the two halves (where a sum of two half entropies would be too high), and for
+    odd d, whose halves have 8 and 9 bits."""
     torch.manual_seed(2)
     z = torch.randn(24, d, dtype=torch.float64)
     z[:, d - 1] = z[:, 0] + 0.2 * z[:, d - 1]  # a low bit and a high bit move together
@@ -114,40 +148,54 @@ def test_exact_batch_entropy_from_two_halves_equals_the_full_softmax(d):
     p_avg = p.mean(0)
     reference = -(p_avg * p_avg.log()).sum()
     (g_ref,) = torch.autograd.grad(reference, z)
-    per_sample, batch = lfq.entropy_terms(z, 0.8, d)
+    per_sample, batch = lfq.entropy_terms(z, 0.8, (d,))
     (g,) = torch.autograd.grad(batch, z)
     assert batch.item() == pytest.approx(reference.item(), rel=1e-10)
     assert torch.allclose(g, g_ref, rtol=1e-8, atol=1e-12)
     assert per_sample.item() == pytest.approx(-(p * p.log()).sum(1).mean().item(), rel=1e-10)
     # The half-by-half sum is an upper bound, strictly above here (correlated halves).
-    halves = lfq.entropy_terms(z.detach(), 0.8, d // 2)[1]
+    halves = lfq.entropy_terms(z.detach(), 0.8, (d // 2, d - d // 2))[1]
     assert halves.item() > batch.item() + 0.01
 
 
-def test_entropy_form_choice():
-    def group(*argv):
-        return lfq.entropy_group_bits(lfq.parse_args(list(argv)))
-    assert group("--bits", "10") == 10                        # exact, all 1,024 codes
-    assert group("--bits", "16") == 16                        # exact, all 65,536 codes
-    assert group("--bits", "18") == 6 and group("--bits", "20") == 5  # groups of <= 8 bits
-    assert group("--bits", "16", "--entropy", "groups") == 8
-    assert group("--bits", "16", "--entropy", "per-bit") == 1
-    assert group("--bits", "6", "--entropy", "groups") == 6
-    assert group("--bits", "20", "--entropy", "exact") == 20
+def test_entropy_form_choice_never_falls_back_to_per_bit():
+    """Catches `--entropy auto` (and groups) falling back to the per-bit form when d has
+    no divisor between 2 and 8 (d = 11, 13, 17, 19, 23): auto is exact up to d = 20, and
+    above, and for `groups`, the bits go into the fewest groups of <= 8, as equal as
+    possible (23 = 8 + 8 + 7)."""
+    group = lfq.entropy_group_bits
+    for d in (10, 16, 17, 19, 20):
+        assert group(d) == (d,)                               # exact over all 2^d codes
+    assert group(21) == (7, 7, 7) and group(22) == (8, 7, 7)
+    assert group(23) == (8, 8, 7) and group(24) == (8, 8, 8)
+    assert group(16, "groups") == (8, 8) and group(6, "groups") == (6,)
+    assert group(13, "groups") == (7, 6) and group(17, "groups") == (6, 6, 5)
+    assert group(16, "per-bit") == (1,) * 16 and group(20, "exact") == (20,)
+    for d in range(1, 25):
+        for form in ("auto", "groups"):
+            g = group(d, form)
+            assert sum(g) == d and max(g) - min(g) <= 1
+            assert len(g) == (1 if form == "auto" and d <= 20 else -(-d // 8))
+    # And the help says so.
+    assert "23 = 8 + 8 + 7" in " ".join(lfq.build_parser().format_help().split())
 
 
 def test_lfq_loss_returns_every_term():
     torch.manual_seed(0)
     x = torch.rand(2, 1, 28, 28)
     model = lfq.Tokenizer(bits=4, width=16)
-    x_hat, z, q = model(x)
-    t = lfq.lfq_loss(x_hat, x, z, q, tau=1.0, gamma=0.5)
+    x_hat, z_e, z_q = model(x)
+    t = lfq.lfq_loss(x_hat, x, z_e, z_q, tau=1.0, gamma=0.5)
     assert set(t) == {"recon", "commit", "per_sample", "batch", "entropy"}
     assert t["entropy"].item() == pytest.approx((t["per_sample"] - 0.5 * t["batch"]).item())
     assert t["recon"].item() == pytest.approx((x_hat - x).pow(2).mean().item())
-    # Commitment is zero exactly when z sits on a corner of the cube.
-    on_corner = lfq.lfq_loss(x_hat, x, q.detach(), q, tau=1.0)
+    # Commitment is zero exactly when z_e sits on a corner of the cube.
+    on_corner = lfq.lfq_loss(x_hat, x, z_q.detach(), z_q, tau=1.0)
     assert on_corner["commit"].item() == 0.0
+    # The training loss combines them with beta and lambda; FSQ's is the recon alone.
+    loss, _ = lfq.stage_one_loss(model, x, 0.3, 0.7, 1.0, 0.5, (4,))
+    expected = t["recon"] + 0.3 * t["commit"] + 0.7 * t["entropy"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- FSQ, the sibling
@@ -189,65 +237,154 @@ def test_fsq_quantize_reaches_every_level_and_passes_the_bound_gradient():
             torch.testing.assert_close(z.grad[0, i], expected)
 
 
+def test_fsq_levels_are_a_buffer_not_rebuilt_per_call(monkeypatch):
+    """Catches FSQ's level tensor built from the Python tuple at every call (a host-to-device
+    copy per step on a GPU): the tokenizer holds it as a buffer that moves with the model
+    and stays out of the checkpoint, and quantising, indexing and decoding build none."""
+    model = lfq.Tokenizer(bits=10, width=8, levels=(8, 5, 5, 5))
+    assert "fsq_levels" in dict(model.named_buffers()) and "fsq_levels" not in model.state_dict()
+    x = torch.rand(2, 1, 28, 28)
+    expected = lfq.fsq_quantize(model.encoder(x), (8, 5, 5, 5))
+
+    def no_tensor(*args, **kwargs):
+        raise AssertionError("torch.tensor called inside the tokenizer")
+    monkeypatch.setattr(torch, "tensor", no_tensor)
+    with torch.no_grad():
+        z_q = model.quantize(model.encoder(x))
+        tokens = model.encode(x)
+        model.decode_tokens(tokens)
+    assert torch.equal(z_q, expected) and tokens.shape == (2, 7, 7)
+
+
 # ----------------------------------------------------------------------------- prior
 
-@pytest.mark.parametrize("head", ["softmax", "bits"])
-def test_prior_is_causal(head):
-    prior = lfq.Prior(bits=5, n_tokens=49, dim=32, layers=2, head=head)
-    prior.eval()
-    codes = lfq.index_to_code(torch.randint(0, 32, (2, 49)), 5).requires_grad_(True)
+def peaked_prior(codebook_size, seq_len=4, scale=8.0, levels=None):
+    """A tiny fp32 prior whose outputs are far from uniform and differ between positions."""
+    torch.manual_seed(3)
+    prior = lfq.TokenPrior(codebook_size, seq_len, 10, width=16, layers=1, heads=2, levels=levels)
+    with torch.no_grad():
+        prior.head.weight.mul_(scale)
+        prior.pos_emb.normal_()
+    return prior.eval()
+
+
+@pytest.mark.parametrize("K", [16, 2 ** 13])  # softmax head, factorised bits head
+def test_prior_is_causal(K):
+    """Output t depends on tokens < t only: changing tokens >= t leaves it exactly as it was,
+    changing token t - 1 changes it."""
+    prior = lfq.TokenPrior(K, 12, 10, width=16, layers=2, heads=2).eval()
+    tokens = torch.randint(0, K, (2, 12))
     y = torch.tensor([3, 7])
-    for t in (0, 1, 20, 48):
-        codes.grad = None
-        prior(codes, y)[:, t].sum().backward()
-        grad = codes.grad.abs().sum((0, 2))  # (T,)
-        assert torch.all(grad[t:] == 0), f"output {t} depends on tokens >= {t}"
-        assert torch.all(grad[:t] > 0), f"output {t} ignores some earlier token"
+    with torch.no_grad():
+        base = prior(tokens, y)
+        for t in (1, 5, 11):
+            later = tokens.clone()
+            later[:, t:] = torch.randint(0, K, later[:, t:].shape)
+            assert torch.equal(prior(later, y)[:, :t], base[:, :t]), f"output < {t} sees tokens >= {t}"
+            earlier = tokens.clone()
+            earlier[:, t - 1] = (earlier[:, t - 1] + 1) % K
+            assert not torch.allclose(prior(earlier, y)[:, t], base[:, t])
+    assert prior.head_kind == ("softmax" if K == 16 else "bits")
 
 
-@pytest.mark.parametrize("head", ["softmax", "bits"])
-def test_prior_is_a_normalised_distribution(head):
-    """sum over all 2^d one-token sequences of p(t | y) = 1: the nll and the index
-    convention of the head agree (for the bits head the product of Bernoullis)."""
-    prior = lfq.Prior(bits=4, n_tokens=1, dim=16, layers=1, head=head)
-    index = torch.arange(16).view(16, 1)
+@pytest.mark.parametrize("K,levels", [(16, None), (2 ** 13, None), (60, (5, 4, 3))])
+def test_prior_is_a_normalised_distribution(K, levels):
+    """sum over all K one-token sequences of p(token | y) = 1, and prior_nll is the mean
+    of -log p: the head and the token's code agree (for the bits head, the product of
+    d Bernoullis over the token's bits; for FSQ, the softmax over prod L_i codes)."""
+    prior = lfq.TokenPrior(K, 1, 10, width=16, layers=1, heads=2, levels=levels).eval()
+    tokens = torch.arange(K).view(K, 1)
     for label in (0, 9):
-        nll = prior.nll(index, torch.full((16,), label))
-        assert torch.exp(-nll).sum().item() == pytest.approx(1.0, abs=1e-5)
+        y = torch.full((K,), label)
+        with torch.no_grad():
+            logits = prior(tokens, y)                                  # (K, 1, K or d)
+            if prior.head_kind == "bits":
+                bits = (lfq.index_to_code(tokens, 13) > 0).float()
+                logp = -F.binary_cross_entropy_with_logits(logits, bits, reduction="none").sum((1, 2))
+            else:
+                logp = logits.log_softmax(-1)[torch.arange(K), 0, tokens[:, 0]]
+            assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-4)
+            assert lfq.prior_nll(prior, tokens, y).item() == pytest.approx(-logp.mean().item(), rel=1e-5)
 
 
-def test_prior_sampling_shapes_both_heads():
-    for bits in (6, 14):  # softmax head, factorised bits head
-        prior = lfq.Prior(bits=bits, dim=16, layers=1)
-        index = prior.sample(torch.arange(3), 49, generator=torch.Generator().manual_seed(0))
-        assert index.shape == (3, 49) and index.min() >= 0 and index.max() < 2 ** bits
-    assert prior.head_kind == "bits"
+def reference_sampler(prior, labels, generator, temperature=1.0):
+    """Naive ancestral sampling: at every step the full T-token sequence (placeholders at
+    >= t) goes through the prior and output t gives the distribution of token t."""
+    tokens = torch.zeros(len(labels), prior.seq_len, dtype=torch.long)
+    for t in range(prior.seq_len):
+        logits = prior(tokens, labels)[:, t] / temperature
+        if prior.head_kind == "bits":
+            u = torch.rand(logits.shape, generator=generator)
+            tokens[:, t] = lfq.code_to_index(torch.where(u < logits.sigmoid(), 1.0, -1.0))
+        else:
+            tokens[:, t] = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    return tokens
+
+
+@pytest.mark.parametrize("K", [16, 2 ** 13])
+def test_sampler_equals_a_full_recompute_reference(K):
+    """Catches a sampler reading the wrong output (position 0, or t - 1) or feeding the
+    wrong token back: same seeded generator, same samples as the naive reference; the
+    logits of the generated sequence at t are those the sampler drew token t from."""
+    prior = peaked_prior(K, seq_len=10)
+    y = torch.arange(6) % 10
+    with torch.no_grad():
+        fast = lfq.sample_tokens(prior, y, 0.9, generator=torch.Generator().manual_seed(5))
+        slow = reference_sampler(prior, y, torch.Generator().manual_seed(5), 0.9)
+        assert torch.equal(fast, slow)
+        full = prior(fast, y)
+        for t in range(prior.seq_len):
+            torch.testing.assert_close(prior(fast[:, :t + 1], y)[:, t], full[:, t], rtol=0, atol=1e-5)
+    assert fast.min() >= 0 and fast.max() < K
+
+
+@pytest.mark.parametrize("K", [8, 2 ** 13])
+def test_sampled_token_frequencies_follow_the_prior(K):
+    """Catches the sampler reading output position 0 at every step: after a fixed
+    two-token prefix, the frequencies of token 2 over 4,000 draws match the prior's
+    softmax at position 2 (bits head: each bit's frequency matches its sigmoid), and
+    differ from output 0's, so the test can tell them apart."""
+    prior = peaked_prior(K, seq_len=3)
+    n = 4000
+    prefix = torch.tensor([[K - 1, 2]]).repeat(n, 1)
+    y = torch.full((n,), 4)
+    with torch.no_grad():
+        tokens = lfq.sample_tokens(prior, y, generator=torch.Generator().manual_seed(0), prefix=prefix)
+        logits = prior(tokens[:1], y[:1])[0]                          # (T, K or d)
+    assert torch.equal(tokens[:, :2], prefix)
+    if prior.head_kind == "softmax":
+        observed = torch.bincount(tokens[:, 2], minlength=K).double() / n
+        expected, at_0 = logits[2].softmax(-1).double(), logits[0].softmax(-1).double()
+    else:
+        observed = (lfq.index_to_code(tokens[:, 2], 13) > 0).double().mean(0)  # (d,) bit frequencies
+        expected, at_0 = logits[2].sigmoid().double(), logits[0].sigmoid().double()
+    assert (expected - at_0).abs().max() > 0.15                       # position 0 is distinguishable
+    sd = (expected * (1 - expected) / n).sqrt()
+    assert torch.all((observed - expected).abs() <= 4.5 * sd + 1e-3)
 
 
 # ----------------------------------------------------------------------------- training
 
 def test_losses_fall_on_a_fixed_batch(mnist_dir):
     torch.manual_seed(0)
-    x = lfq.mnist_tensors(mnist_dir, "test")[0][:32]
+    x = lfq.mnist_tensors(mnist_dir, "test", 32)[0]
     model = lfq.Tokenizer(bits=6, width=16)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     first = None
     for _ in range(40):
-        x_hat, z, q = model(x)
-        t = lfq.lfq_loss(x_hat, x, z, q)
-        loss = t["recon"] + 0.25 * t["commit"] + 0.1 * t["entropy"]
+        loss, _ = lfq.stage_one_loss(model, x, 0.25, 0.1, 1.0, 1.0, (6,))
         first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert loss.item() < 0.7 * first
 
-    prior = lfq.Prior(bits=6, dim=32, layers=1)
-    tokens, y = model.tokens(x).detach(), torch.arange(32) % 10
+    prior = lfq.TokenPrior(64, 49, 10, width=32, layers=1, heads=4)
+    tokens, y = model.encode(x).detach().flatten(1), torch.arange(32) % 10
     opt = torch.optim.Adam(prior.parameters(), lr=3e-3)
-    nll0 = prior.nll(tokens, y).mean().item()
+    nll0 = lfq.prior_nll(prior, tokens, y).item()
     for _ in range(30):
-        nll = prior.nll(tokens, y).mean()
+        nll = lfq.prior_nll(prior, tokens, y)
         opt.zero_grad()
         nll.backward()
         opt.step()
@@ -256,7 +393,7 @@ def test_losses_fall_on_a_fixed_batch(mnist_dir):
 
 # ----------------------------------------------------------------------------- command line
 
-SMALL = ["--steps", "3", "--batch-size", "16", "--width", "16", "--prior-dim", "32",
+SMALL = ["--steps", "3", "--batch-size", "16", "--width", "16", "--prior-width", "32",
          "--prior-layers", "1", "--num-samples", "4", "--test-limit", "32"]
 
 
@@ -266,27 +403,36 @@ def test_cli_smoke_run_writes_every_output_and_sample_only_reloads(tiny_mnist_di
     for name in ("model.pt", "metrics.json", "samples.png", "samples.npy", "recon.png"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == saved
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == saved == metrics
     assert saved["steps_stage1"] == 3 and saved["steps_stage2"] == 3
     assert saved["bits_per_image"] == 49 * 6 and saved["codebook_size"] == 64
     assert 0 < saved["codebook_usage"] <= 1 and 1 <= saved["codebook_perplexity"] <= 64
     assert saved["test_prior_nll_bits"] > 0
+    # The judge ran, with N = --num-samples, and --steps bounded its training.
+    assert saved["judge_n"] == 4 and (tmp_path / "digit_judge_3steps.pt").is_file()
+    for key in ("sample_fd", "sample_score", "sample_label_match", "recon_fd", "anchor_real_fd"):
+        assert key in saved, key
     samples = np.load(out / "samples.npy")
     assert samples.shape == (4, 1, 28, 28) and samples.min() >= 0 and samples.max() <= 1
 
-    again = lfq.main(["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path / "again"),
-                      "--sample-only", "--ckpt", str(out / "model.pt")] + SMALL)
+    again = lfq.main(["--data-dir", str(tiny_mnist_dir), "--out", str(out),
+                      "--sample-only", "--ckpt", str(out / "model.pt"), "--steps", "3",
+                      "--num-samples", "4", "--test-limit", "32"])
     assert again["test_recon_mse"] == pytest.approx(saved["test_recon_mse"], rel=1e-5)
     assert again["test_prior_nll_bits"] == pytest.approx(saved["test_prior_nll_bits"], rel=1e-5)
-    assert (tmp_path / "again" / "samples.png").is_file()
+    # Same seed, same samples; written to eval_metrics.json, never over metrics.json.
+    assert np.array_equal(np.load(out / "samples.npy"), samples)
+    assert json.loads((out / "eval_metrics.json").read_text()) == again
+    assert json.loads((out / "metrics.json").read_text()) == saved
 
 
-def test_stage_one_only_run(tiny_mnist_dir, tmp_path):
+def test_stage_one_only_run_with_an_odd_number_of_bits(tiny_mnist_dir, tmp_path):
     out = tmp_path / "s1"
-    m = lfq.main(["--data-dir", str(tiny_mnist_dir), "--out", str(out), "--bits", "16",
+    m = lfq.main(["--data-dir", str(tiny_mnist_dir), "--out", str(out), "--bits", "17",
                   "--prior-epochs", "0"] + SMALL)
-    assert m["codebook_size"] == 2 ** 16 and m["steps_stage2"] == 0
+    assert m["codebook_size"] == 2 ** 17 and m["steps_stage2"] == 0 and "recon_fd" in m
     assert "test_prior_nll_bits" not in m and (out / "recon.png").is_file()
+    assert not (out / "samples.png").exists()
 
 
 def test_cli_fsq_run_and_reload(tiny_mnist_dir, tmp_path):
@@ -298,32 +444,80 @@ def test_cli_fsq_run_and_reload(tiny_mnist_dir, tmp_path):
     assert 0 < m["codes_used"] <= 240 and m["test_prior_nll_bits"] > 0
     assert np.load(out / "samples.npy").shape == (4, 1, 28, 28)
     again = lfq.main(["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path / "again"),
-                      "--sample-only", "--ckpt", str(out / "model.pt")] + SMALL)
+                      "--sample-only", "--ckpt", str(out / "model.pt")] + SMALL[:2] + SMALL[-4:])
     assert again["test_recon_mse"] == pytest.approx(m["test_recon_mse"], rel=1e-5)
     assert again["codebook_size"] == 240
 
 
-@pytest.mark.parametrize("argv", [["--quantizer", "fsq", "--bits", "11"],
-                                  ["--quantizer", "fsq", "--levels", "2,5"],
-                                  ["--quantizer", "fsq", "--levels", "8,x"],
-                                  ["--levels", "8,5,5,5"],
-                                  ["--quantizer", "fsq", "--bits", "16"]])  # prior over 64,000
-def test_bad_fsq_flags_are_refused(argv):
+@pytest.mark.parametrize("argv,says", [
+    (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"), (["--prior-lr", "0"], "--prior-lr"),
+    (["--beta", "-0.1"], "--beta"), (["--entropy-weight", "-1"], "--entropy-weight"),
+    (["--gamma", "-1"], "--gamma"), (["--tau", "0"], "--tau"), (["--temperature", "0"], "--temperature"),
+    (["--top-k", "-1"], "--top-k"), (["--epochs", "0"], "--epochs"), (["--prior-epochs", "-1"], "--prior-epochs"),
+    (["--steps", "-1"], "--steps"), (["--batch-size", "0"], "--batch-size"), (["--width", "1"], "--width"),
+    (["--num-samples", "0"], "--num-samples"), (["--test-limit", "-1"], "--test-limit"),
+    (["--seed", "-1"], "--seed"), (["--bits", "0"], "--bits"), (["--bits", "25"], "--bits"),
+    (["--prior-heads", "0"], "--prior-heads"), (["--prior-width", "30"], "multiple of --prior-heads"),
+    (["--prior-layers", "0"], "--prior-layers"),
+    (["--entropy", "exact", "--bits", "21"], "exact"), (["--top-k", "5", "--bits", "13"], "--top-k"),
+    (["--sample-only"], "--ckpt"), (["--ckpt", "x.pt"], "--sample-only"),
+    (["--commit-weight", "0.3"], "now spelled --beta"), (["--prior-dim=64"], "now spelled --prior-width"),
+    (["--codebook-size", "1024"], "--bits"),
+    (["--quantizer", "fsq", "--bits", "11"], "--levels"), (["--quantizer", "fsq", "--levels", "2,5"], "at least 3"),
+    (["--quantizer", "fsq", "--levels", "8,x"], "integers"), (["--levels", "8,5,5,5"], "--quantizer fsq"),
+    (["--quantizer", "fsq", "--bits", "16"], "--prior-epochs 0"),   # a softmax over 64,000 codes
+    (["--quantizer", "fsq", "--levels", "9999,9999", "--prior-epochs", "0"], "codes"),
+])
+def test_bad_flags_are_refused_in_one_line(argv, says, capsys):
     with pytest.raises(SystemExit) as e:
         lfq.parse_args(argv)
     assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("usage: ") or says in err[-1]
+    assert says in err[-1], err[-1]
 
 
-def test_bad_input_gives_one_line_errors(tmp_path, tiny_mnist_dir):
+def small_checkpoint(path, **change):
+    """A valid (untrained) lfq checkpoint of a tiny model, without training one."""
+    args = lfq.parse_args(["--bits", "6"] + SMALL)
+    model, prior = lfq.build(vars(args), "cpu", True)
+    config = {**vars(args), **change}
+    lfq.save_checkpoint(path, {"tokenizer": model.state_dict(), "prior": prior.state_dict()}, config)
+    return path
+
+
+def one_line_error(argv):
     with pytest.raises(SystemExit) as e:
-        lfq.main(["--sample-only", "--ckpt", str(tmp_path / "missing.pt"),
-                  "--data-dir", str(tiny_mnist_dir)])
-    assert "not found" in str(e.value.code)
+        lfq.main(argv)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_bad_files_and_states_give_one_line_errors(tmp_path, tiny_mnist_dir):
+    data = ["--data-dir", str(tiny_mnist_dir), "--test-limit", "16", "--num-samples", "4"]
+    out = ["--out", str(tmp_path / "out")]
+    assert "not found" in one_line_error(["--sample-only", "--ckpt", str(tmp_path / "missing.pt")] + data + out)
     foreign = tmp_path / "other.pt"
     torch.save({"script": "vqvae", "model": {}, "config": {}}, foreign)
-    with pytest.raises(SystemExit) as e:
-        lfq.main(["--sample-only", "--ckpt", str(foreign), "--data-dir", str(tiny_mnist_dir)])
-    assert "not of lfq.py" in str(e.value.code)
-    with pytest.raises(SystemExit) as e:
-        lfq.parse_args(["--bits", "0"])
-    assert e.value.code == 2
+    assert "not of lfq.py" in one_line_error(["--sample-only", "--ckpt", str(foreign)] + data + out)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    assert "not a readable checkpoint" in one_line_error(["--sample-only", "--ckpt", str(garbage)] + data + out)
+    # Right script, broken config: a wrong type, a value out of range, a missing key.
+    for name, change, says in (("type", {"bits": "ten"}, "'bits'"), ("range", {"bits": 99}, "--bits"),
+                               ("missing", {"prior_width": None}, "'prior_width'"),
+                               ("heads", {"prior_heads": 5}, "multiple")):
+        ckpt = small_checkpoint(tmp_path / f"{name}.pt", **change)
+        assert says in one_line_error(["--sample-only", "--ckpt", str(ckpt)] + data + out)
+    # Right script and config, weights of another shape.
+    ckpt = small_checkpoint(tmp_path / "weights.pt", width=32)
+    assert "weights do not fit" in one_line_error(["--sample-only", "--ckpt", str(ckpt)] + data + out)
+    assert not (tmp_path / "out" / "eval_metrics.json").exists()
+    # --out naming a file; a batch larger than the training set (64 images): nothing written.
+    (tmp_path / "file").write_text("mine")
+    assert "is a file" in one_line_error(SMALL + ["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path / "file")])
+    assert (tmp_path / "file").read_text() == "mine"
+    big = ["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path / "big"), "--batch-size", "65"]
+    assert "larger than the training set" in one_line_error(big)
+    assert list((tmp_path / "big").iterdir()) == []
