@@ -1,27 +1,32 @@
 """Deterministic auto-encoder on MNIST, and why it is a poor generator.
 
-An auto-encoder learns an encoder z = f_E(x) and a decoder x_hat = f_D(z) by
-plain supervised reconstruction,
+An encoder z = f_E(x) squeezes a 28x28 digit into a Z-number code and a decoder
+x_hat = f_D(z) brings it back; both learn by plain reconstruction,
 
     L = E_x | f_D(f_E(x)) - x |          (L1, the lecture's choice; --loss l2 for MSE)
 
-It compresses well: 784 pixels squeeze through a 32-number code and come back
-almost intact. But nothing in L says what the codes of *non*-training images look
-like, so the code space is not a distribution we can sample from:
+Nothing in L says what the codes of *non*-training images look like, so the code
+space is not a distribution to sample from. The fair test of that claim: fit the
+full-covariance Gaussian N(m, S) of the training codes (m their mean, S = L L^T
+their covariance), decode random codes z = m + L eps with eps ~ N(0, I), and see
+whether they are digits. The squared Mahalanobis distance
+d^2(z) = (z - m)^T S^-1 (z - m) says how far a code lies from that Gaussian (about
+Z on average for codes it describes); a digit judge (a small MNIST classifier, in
+the appendix) says how digit-like the decodes are. Outputs beside model.pt:
 
-  * samples.png -- decodes of random z ~ N(mean, std), with mean and std measured
-    per dimension on the training codes (so the test is fair): mostly not digits;
-  * interp.png  -- decodes along straight lines between two test codes: the
-    midpoints leave the data (ghostly overlays, blobs), see vae.py for the fix.
+  * recon.png   -- rows of test digits, each followed by its reconstruction;
+  * samples.png -- decodes of random codes z ~ N(m, S) (--codes diag: per-dimension
+    spread only, the correlations ignored);
+  * interp.png  -- decodes along straight lines between two test codes.
 
 Shape legend: B batch, C channels, H W height width, Z latent dims.
 
-Run:   python autoencoder.py                  (1.5 minutes on a 2-core CPU)
+Run:   python autoencoder.py                  (about 1.5 minutes on a 2-core CPU)
        python autoencoder.py --z-dim 8 --loss l2 --epochs 10
-       python autoencoder.py --sample-only --ckpt runs/autoencoder/model.pt
-Writes runs/autoencoder/: recon.png, samples.png, samples.npy, interp.png,
-model.pt, metrics.json. The default run (10 epochs) reaches test L1 0.0215 per
-pixel, MSE 0.0053, PSNR 22.8 dB in 87 s of training on a 2-core CPU.
+       python autoencoder.py --sample-only --ckpt runs/autoencoder/model.pt --num-samples 500
+Writes runs/autoencoder/: model.pt, metrics.json, recon.png, samples.png, samples.npy,
+interp.png (--sample-only writes eval_metrics.json, never metrics.json).
+CLAIM_LINE
 
 Reference: the lecture's auto-encoder; Hinton & Salakhutdinov (2006) for the idea.
 """
@@ -48,6 +53,289 @@ SCRIPT = "autoencoder"
 HERE = Path(__file__).resolve().parent
 
 
+# ============================================================================ the method
+
+class AutoEncoder(nn.Module):
+    """Conv encoder 28 -> 14 -> 7 -> z, and its mirror image as decoder."""
+
+    def __init__(self, z_dim=32, width=32):
+        super().__init__()
+        c1, c2 = width, 2 * width
+        self.encoder = nn.Sequential(
+            nn.Conv2d(1, c1, 4, 2, 1), nn.ReLU(),               # (B, c1, 14, 14)
+            nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU(),              # (B, c2, 7, 7)
+            nn.Flatten(), nn.Linear(c2 * 7 * 7, z_dim),         # (B, Z)
+        )
+        self.decoder = nn.Sequential(
+            nn.Linear(z_dim, c2 * 7 * 7), nn.ReLU(),
+            nn.Unflatten(1, (c2, 7, 7)),                         # (B, c2, 7, 7)
+            nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(),      # (B, c1, 14, 14)
+            nn.ConvTranspose2d(c1, 1, 4, 2, 1),                  # (B, 1, 28, 28)
+        )
+        # No sigmoid at the end: with L1, the gradient sign(x_hat - x) first pushes
+        # every pixel towards the (black) median; a sigmoid then saturates and the
+        # gradient vanishes, leaving an all-black decoder. A linear output keeps a
+        # unit gradient; outputs are clamped to [0, 1] only when shown or scored.
+        # The Gaussian N(m, L L^T) of the training codes, measured after training
+        # (code_gaussian); buffers, so they travel in model.pt.
+        self.register_buffer("z_mean", torch.zeros(z_dim))   # m, (Z,)
+        self.register_buffer("z_chol", torch.eye(z_dim))     # L, (Z, Z) lower triangular
+
+    def forward(self, x):
+        z = self.encoder(x)
+        return self.decoder(z), z
+
+    def decode(self, z):
+        """Images in [0, 1] from codes (B, Z)."""
+        return self.decoder(z).clamp(0, 1)
+
+
+def reconstruction_loss(x_hat, x, kind="l1"):
+    """Mean per-pixel |x_hat - x| (l1) or (x_hat - x)^2 (l2)."""
+    if kind == "l1":
+        return (x_hat - x).abs().mean()
+    return (x_hat - x).pow(2).mean()
+
+
+def code_gaussian(z):
+    """Mean m (Z,) and Cholesky factor L (Z, Z) of the covariance S = L L^T of codes z (N, Z)."""
+    z = z.double()
+    m = z.mean(0)
+    S = (z - m).T @ (z - m) / (len(z) - 1)                    # (Z, Z), unbiased
+    L, info = torch.linalg.cholesky_ex(S)
+    if info:  # degenerate codes (fewer codes than dimensions, a constant dimension)
+        L = torch.linalg.cholesky(S + (1e-6 * S.diagonal().mean() + 1e-12) * torch.eye(len(S)))
+    return m.float(), L.float()
+
+
+def random_codes(mean, chol, n, seed=0):
+    """n codes from N(m, L L^T): z = m + L eps with eps ~ N(0, I), fixed noise so runs compare."""
+    eps = torch.randn(n, len(mean), generator=torch.Generator().manual_seed(seed))  # (n, Z)
+    return mean.cpu() + eps @ chol.cpu().T                    # rows: z^T = m^T + eps^T L^T
+
+
+def mahalanobis_sq(z, mean, chol):
+    """d^2 = (z - m)^T S^-1 (z - m) = |L^-1 (z - m)|^2 for each code of z (N, Z).
+    Its mean is Z for codes drawn from N(m, S) (a chi-square with Z degrees of freedom)."""
+    diff = (z.cpu().double() - mean.cpu().double()).T         # (Z, N)
+    w = torch.linalg.solve_triangular(chol.cpu().double(), diff, upper=False)  # L^-1 (z - m)
+    return w.pow(2).sum(0)
+
+
+@torch.no_grad()
+def sample(model, n, device, seed=0, diagonal=False):
+    """Random codes (n, Z) from the training codes' Gaussian, and their decodes (n, 1, 28, 28).
+    diagonal=True keeps only the variances S_ii (the correlations dropped)."""
+    chol = model.z_chol.cpu()
+    if diagonal:
+        chol = torch.diag(chol.norm(dim=1))                   # sqrt(S_ii) = |row i of L|
+    z = random_codes(model.z_mean, chol, n, seed)
+    model.eval()
+    return z, model.decode(z.to(device)).cpu()
+
+
+@torch.no_grad()
+def interpolate(model, x_a, x_b, device, steps=10):
+    """Decodes of (1 - t) z_a + t z_b for t in [0, 1]: (pairs * steps, 1, 28, 28)."""
+    model.eval()
+    z_a, z_b = model.encoder(x_a.to(device)), model.encoder(x_b.to(device))
+    t = torch.linspace(0, 1, steps, device=device).view(1, steps, 1)
+    z = (1 - t) * z_a[:, None] + t * z_b[:, None]  # (pairs, steps, Z)
+    return model.decode(z.flatten(0, 1)).cpu()
+
+
+# ============================================================================ the experiment
+
+def mnist_tensors(data_dir, split):
+    """Images as float (N, 1, 28, 28) in [0, 1], and labels (N,)."""
+    images, labels = load_mnist(data_dir, split)
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    return x, torch.from_numpy(labels)
+
+
+def train(model, x_train, args, device):
+    """Adam on the reconstruction loss for --epochs, at most --steps steps; returns the steps."""
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    steps_per_epoch = len(x_train) // args.batch_size
+    total = args.epochs * steps_per_epoch
+    if args.steps:
+        total = min(total, args.steps)
+    progress = Progress(total)
+    step = 0
+    while step < total:
+        model.train()
+        order = torch.randperm(len(x_train))
+        for i in range(min(steps_per_epoch, total - step)):
+            xb = x_train[order[i * args.batch_size:(i + 1) * args.batch_size]].to(device)
+            x_hat, _ = model(xb)
+            loss = reconstruction_loss(x_hat, xb, args.loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % 50 == 0 or step == total:  # reading a loss waits for the GPU: not every step
+                check_finite(step, loss=loss)
+            progress.update(step, len(xb), **{args.loss: loss.detach()})
+    return step
+
+
+@torch.no_grad()
+def encode_all(model, x, device, batch_size=1000):
+    """Codes (N, Z) on the CPU."""
+    model.eval()
+    return torch.cat([model.encoder(x[i:i + batch_size].to(device)).cpu()
+                      for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def reconstruct(model, x, device, batch_size=1000):
+    """x_hat = f_D(f_E(x)) in [0, 1], (N, 1, 28, 28) on the CPU."""
+    model.eval()
+    return torch.cat([model.decode(model.encoder(x[i:i + batch_size].to(device))).cpu()
+                      for i in range(0, len(x), batch_size)])
+
+
+def evaluate(model, x, device):
+    """Test reconstruction error: mean L1, MSE per pixel, and PSNR = 10 log10(1 / MSE)."""
+    err = (reconstruct(model, x, device) - x).double()
+    mse = err.pow(2).mean().item()
+    return {"test_recon_l1": err.abs().mean().item(), "test_mse": mse,
+            "test_psnr_db": 10 * np.log10(1.0 / mse)}
+
+
+def code_distances(model, z_samples, x_test, device):
+    """Mean squared Mahalanobis distance to N(m, S) of the random codes and of real test codes."""
+    d2 = lambda z: mahalanobis_sq(z, model.z_mean, model.z_chol).mean().item()
+    return {"sample_code_mahalanobis_sq": d2(z_samples),
+            "test_code_mahalanobis_sq": d2(encode_all(model, x_test, device)),
+            "z_dim": model.z_mean.numel()}
+
+
+def write_pictures(model, samples, x_test, device, out):
+    """samples.npy/.png; recon.png: rows of up to 16 test digits, each row followed by its
+    reconstruction; interp.png: test digits 0-7 to 8-15 (of different classes in MNIST)."""
+    # samples.npy: (N, 1, 28, 28) in [0, 1]
+    atomic_write(out / "samples.npy", lambda f: np.save(f, samples.numpy()))
+    write_png(out / "samples.png", image_grid(samples, ncol=min(len(samples), 16)))
+    ncol = min(16, len(x_test))
+    nrow = min(4, len(x_test) // ncol)
+    x = x_test[:nrow * ncol]
+    rows = torch.stack([x, reconstruct(model, x, device)]).view(2, nrow, ncol, 1, 28, 28)
+    write_png(out / "recon.png", image_grid(rows.transpose(0, 1).reshape(-1, 1, 28, 28), ncol=ncol))
+    pairs = min(8, len(x_test) // 2)
+    interp = interpolate(model, x_test[:pairs], x_test[pairs:2 * pairs], device)
+    write_png(out / "interp.png", image_grid(interp, ncol=10))
+
+
+def load_model(path, device):
+    """The auto-encoder of a checkpoint, its config and weights checked first."""
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(ckpt, {"z_dim": int, "width": int}, path)
+    w = ckpt["model"].get("encoder.5.weight")  # (Z, 2 width 7 7): checked before anything is built
+    if not isinstance(w, torch.Tensor) or tuple(w.shape) != (cfg["z_dim"], 98 * cfg["width"]):
+        raise RunError(f"{path}: config (z_dim {cfg['z_dim']}, width {cfg['width']}) does not "
+                       "match its weights; the checkpoint is damaged")
+    model = load_weights(AutoEncoder(cfg["z_dim"], cfg["width"]), ckpt["model"], path)
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values()):
+        raise RunError(f"{path}: the weights hold NaN or inf; the checkpoint is damaged")
+    return model.to(device)
+
+
+def train_model(args, x_train, device, out):
+    """Train, fit the training codes' Gaussian, save model.pt; returns (model, steps, seconds)."""
+    if len(x_train) < max(args.batch_size, 2):
+        raise RunError(f"--batch-size {args.batch_size} needs at least that many training images "
+                       f"(and 2); {args.data_dir} holds {len(x_train)}")
+    model = AutoEncoder(args.z_dim, args.width).to(device)
+    start = time.time()
+    steps = train(model, x_train, args, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.time() - start
+    m, L = code_gaussian(encode_all(model, x_train, device))
+    model.z_mean.copy_(m)
+    model.z_chol.copy_(L)
+    save_checkpoint(out / "model.pt", model.state_dict(), vars(args))
+    return model, steps, seconds
+
+
+# ============================================================================ main
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-dir", default=str(HERE / "data" / "mnist"),
+                   help="folder with the four MNIST idx .gz files (downloaded if missing)")
+    p.add_argument("--out", default=f"runs/{SCRIPT}", help="output folder")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--steps", type=int, default=0,
+                   help="cap on optimizer steps, and on the digit judge's (0: no cap)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--z-dim", type=int, default=32, help="latent dimensions")
+    p.add_argument("--width", type=int, default=32, help="channels of the first conv layer")
+    p.add_argument("--loss", choices=["l1", "l2"], default="l1")
+    p.add_argument("--codes", choices=["full", "diag"], default="full",
+                   help="random codes from the training codes' full-covariance Gaussian, or from "
+                        "its diagonal (per-dimension mean and std, correlations dropped)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=64,
+                   help="random decodes to draw; also the judge's N (at least 2)")
+    p.add_argument("--test-limit", type=int, default=0,
+                   help="evaluate on the first N test images only (0: all 10,000)")
+    p.add_argument("--sample-only", action="store_true",
+                   help="skip training: load --ckpt, evaluate and sample (eval_metrics.json)")
+    p.add_argument("--ckpt", help="checkpoint to load with --sample-only")
+    args = p.parse_args(argv)
+    check_flags(p, args, positive=("epochs", "batch_size", "lr", "z_dim", "width", "num_samples"),
+                nonnegative=("steps", "test_limit"))
+    if args.num_samples < 2:
+        p.error(f"--num-samples must be >= 2 (got {args.num_samples}): the judge fits a covariance")
+    if args.sample_only != (args.ckpt is not None):
+        p.error("--sample-only and --ckpt PATH go together")
+    return args
+
+
+def run(args):
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    out = prepare_out_dir(args.out)
+    x_test, y_test = mnist_tensors(args.data_dir, "test")
+    x_train, y_train = mnist_tensors(args.data_dir, "train")
+    if len(x_test) < 4:
+        raise RunError(f"{args.data_dir}: the test set holds {len(x_test)} images; "
+                       "at least 4 are needed")
+    if args.sample_only:
+        model, steps, train_seconds = load_model(args.ckpt, device), 0, 0.0
+    else:
+        model, steps, train_seconds = train_model(args, x_train, device, out)
+    x_eval = x_test[:args.test_limit or None]
+    metrics = evaluate(model, x_eval, device)
+    z, samples = sample(model, args.num_samples, device, args.seed, diagonal=args.codes == "diag")
+    write_pictures(model, samples, x_test, device, out)
+    metrics.update(code_distances(model, z, x_eval, device))
+    metrics.update(train_seconds=round(train_seconds, 1), steps=steps, device=str(device),
+                   test_images=len(x_eval), codes=args.codes)
+    # The judge: random decodes against real digits, and reconstructions of as many test digits.
+    recons = reconstruct(model, x_test[:args.num_samples], device)
+    metrics.update(judge_report(out, device, x_train, y_train, x_test, y_test, samples=samples,
+                                recons=recons, judge_steps=args.steps or None))
+    write_metrics(out / ("eval_metrics.json" if args.sample_only else "metrics.json"), metrics)
+    print(json.dumps(metrics))
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except RunError as e:
+        sys.exit(f"error: {e}")
+
+
+# ============================================================================ appendix: plumbing every script repeats
+
 # --- shared: run utilities ---
 class RunError(Exception):
     """A problem the user can act on (bad file, missing data, diverged loss).
@@ -71,20 +359,42 @@ def seed_everything(seed):
 
 
 def atomic_write(path, write):
-    """Call write(f) on a temporary file, then rename it over `path`.
+    """Call write(f) on a fresh temporary file beside `path`, fsync it, rename it over `path`.
 
-    os.replace is atomic, so a reader (or a crash) sees the old file or the new
-    one, never half of one."""
+    The temporary name is unique (never a user's own `OUT.tmp`), and os.replace is
+    atomic: a reader, or a crash, sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise RunError(f"could not create a temporary file beside {path}")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def prepare_out_dir(out):
+    """Create the output folder; refuse, in one line, a path that is a file."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+    return out
 
 
 def save_checkpoint(path, model_state, config):
@@ -104,7 +414,34 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
         found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
         raise RunError(f"{path} is a checkpoint of {found}, not of {SCRIPT}.py")
+    if not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
+        raise RunError(f"{path}: checkpoint lacks its weights or its config; it is damaged")
     return ckpt
+
+
+def checkpoint_config(ckpt, required, path="checkpoint"):
+    """ckpt["config"], once every key in `required` ({name: type}) holds a value of that type."""
+    config = ckpt["config"]
+    for name, kind in required.items():
+        value = config.get(name)
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise RunError(f"{path}: config {name!r} is {value!r}, not a {kind.__name__}; "
+                           "the checkpoint is damaged")
+    return config
+
+
+def load_weights(model, state, path="checkpoint"):
+    """model.load_state_dict(state), or one line saying the weights do not fit the model."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"{path}: the weights do not fit the model its config describes ({first})") \
+            from None
+    return model
 
 
 def write_metrics(path, metrics):
@@ -117,6 +454,28 @@ def check_finite(step, **terms):
         if not torch.isfinite(torch.as_tensor(value)).all():
             raise RunError(f"non-finite {name} at step {step}; stopped, model.pt left as it was "
                            "(try a lower --lr)")
+
+
+def check_flags(parser, args, positive=(), nonnegative=(), fraction=()):
+    """Validate flags by table: `positive` > 0, `nonnegative` >= 0, `fraction` in [0, 1).
+
+    Names are argparse dests ("lr", "batch_size"); None means "not given" and passes.
+    A bad value ends in argparse's usage and one error line (exit status 2)."""
+    rules = ([(n, "> 0", lambda v: v > 0) for n in positive]
+             + [(n, ">= 0", lambda v: v >= 0) for n in nonnegative]
+             + [(n, "in [0, 1)", lambda v: 0 <= v < 1) for n in fraction])
+    for name, text, ok in rules:
+        value = getattr(args, name)
+        if value is not None and not (np.isfinite(value) and ok(value)):
+            parser.error(f"--{name.replace('_', '-')} must be {text} (got {value})")
+
+
+def reject_renamed(parser, argv, renamed):
+    """A flag's old spelling fails in one line that names the new one."""
+    for arg in (sys.argv[1:] if argv is None else argv):
+        old = str(arg).split("=", 1)[0]
+        if old in renamed:
+            parser.error(f"{old} is now spelled {renamed[old]}")
 
 
 def format_seconds(s):
@@ -215,25 +574,35 @@ def load_mnist(data_dir, split):
 
 
 # --- shared: png writer ---
-def png_bytes(pixels):
-    """Encode a uint8 array (H, W) grey or (H, W, 3) RGB as a PNG file's bytes."""
-    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+def png_bytes(pixels, bit_depth=8):
+    """Encode pixels as a PNG file's bytes: uint8 (H, W) grey or (H, W, 3) RGB at bit depth 8,
+    or a (H, W) array of 0/1 at bit depth 1 (eight pixels a byte, rows padded to whole bytes)."""
+    pixels = np.ascontiguousarray(pixels)
     h, w = pixels.shape[:2]
-    colour_type = 2 if pixels.ndim == 3 else 0  # 2 = RGB, 0 = greyscale
+    if bit_depth == 1:
+        if pixels.ndim != 2 or not np.isin(pixels, (0, 1)).all():
+            raise ValueError("a 1-bit PNG takes a (H, W) array of 0s and 1s")
+        rows = np.packbits(pixels.astype(np.uint8), axis=1)  # (H, ceil(W / 8)), MSB first
+        colour_type = 0
+    elif bit_depth == 8:
+        rows = pixels.astype(np.uint8)
+        colour_type = 2 if pixels.ndim == 3 else 0  # 2 = RGB, 0 = greyscale
+    else:
+        raise ValueError(f"bit depth {bit_depth} is not written here (1 or 8)")
     # Each scanline starts with its filter type; 0 = none.
-    raw = b"".join(b"\x00" + pixels[y].tobytes() for y in range(h))
+    raw = b"".join(b"\x00" + rows[y].tobytes() for y in range(h))
 
     def chunk(kind, data):
         return (struct.pack(">I", len(data)) + kind + data
                 + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
 
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)  # 8-bit, no interlace
+    ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, colour_type, 0, 0, 0)  # no interlace
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
             + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
-def write_png(path, pixels):
-    atomic_write(path, lambda f: f.write(png_bytes(pixels)))
+def write_png(path, pixels, bit_depth=8):
+    atomic_write(path, lambda f: f.write(png_bytes(pixels, bit_depth)))
 
 
 def image_grid(images, ncol, border=2, border_value=128):
@@ -250,225 +619,134 @@ def image_grid(images, ncol, border=2, border_value=128):
 # --- end shared ---
 
 
-# ----------------------------------------------------------------------------- data
+# --- shared: digit judge ---
+# One ruler for every image script: a small MNIST classifier whose 128-number penultimate
+# features stand in for Inception's in FID. FD = |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^1/2)
+# between the features of two image sets (0 for identical sets), and a score
+# exp E_x KL(p(y|x) || p(y)) between 1 (one class, or no confident class) and 10.
+JUDGE_STEPS = 1500  # Adam steps of 128 digits for the full judge: about 3 epochs, 98.9 % test accuracy
 
-def mnist_tensors(data_dir, split):
-    """Images as float (N, 1, 28, 28) in [0, 1], and labels (N,)."""
-    images, labels = load_mnist(data_dir, split)
-    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
-    return x, torch.from_numpy(labels)
 
-
-# ----------------------------------------------------------------------------- model
-
-class AutoEncoder(nn.Module):
-    """Conv encoder 28 -> 14 -> 7 -> z, and its mirror image as decoder."""
-
-    def __init__(self, z_dim=32, width=32):
+class DigitJudge(nn.Module):
+    def __init__(self):
         super().__init__()
-        c1, c2 = width, 2 * width
-        self.encoder = nn.Sequential(
-            nn.Conv2d(1, c1, 4, 2, 1), nn.ReLU(),               # (B, c1, 14, 14)
-            nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU(),              # (B, c2, 7, 7)
-            nn.Flatten(), nn.Linear(c2 * 7 * 7, z_dim),         # (B, Z)
-        )
-        self.decoder = nn.Sequential(
-            nn.Linear(z_dim, c2 * 7 * 7), nn.ReLU(),
-            nn.Unflatten(1, (c2, 7, 7)),                         # (B, c2, 7, 7)
-            nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(),      # (B, c1, 14, 14)
-            nn.ConvTranspose2d(c1, 1, 4, 2, 1),                  # (B, 1, 28, 28)
-        )
-        # No sigmoid at the end: with L1, the gradient sign(x_hat - x) first pushes
-        # every pixel towards the (black) median; a sigmoid then saturates and the
-        # gradient vanishes, leaving an all-black decoder. A linear output keeps a
-        # unit gradient; outputs are clamped to [0, 1] only when shown or scored.
-        # Per-dimension mean and std of the training codes, filled in after
-        # training: random codes are drawn at this scale so that the comparison
-        # with real codes is fair. Buffers, so they travel in model.pt.
-        self.register_buffer("z_mean", torch.zeros(z_dim))
-        self.register_buffer("z_std", torch.ones(z_dim))
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # (B, 32, 14, 14)
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))  # (B, 64, 7, 7)
+        self.fc = nn.Linear(64 * 7 * 7, 128)
+        self.head = nn.Linear(128, 10)
 
-    def forward(self, x):
-        z = self.encoder(x)
-        return self.decoder(z), z
+    def features(self, x):  # (B, 1, 28, 28) in [0, 1] -> (B, 128)
+        return torch.relu(self.fc(self.conv(x - 0.5).flatten(1)))
 
-    def decode(self, z):
-        """Images in [0, 1] from codes (B, Z)."""
-        return self.decoder(z).clamp(0, 1)
+    def forward(self, x):  # -> class logits (B, 10)
+        return self.head(self.features(x))
 
 
-# ----------------------------------------------------------------------------- objective
-
-def reconstruction_loss(x_hat, x, kind="l1"):
-    """Mean per-pixel |x_hat - x| (l1) or (x_hat - x)^2 (l2)."""
-    if kind == "l1":
-        return (x_hat - x).abs().mean()
-    return (x_hat - x).pow(2).mean()
-
-
-# ----------------------------------------------------------------------------- train / evaluate / sample
-
-@torch.no_grad()
-def encode_all(model, x, device, batch_size=1000):
-    model.eval()
-    return torch.cat([model.encoder(x[i:i + batch_size].to(device)).cpu()
-                      for i in range(0, len(x), batch_size)])
-
-
-@torch.no_grad()
-def evaluate(model, x, device, batch_size=1000):
-    """Test reconstruction error: mean L1, MSE per pixel, and PSNR = 10 log10(1 / MSE)."""
-    model.eval()
-    l1 = se = 0.0
-    for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size].to(device)
-        x_hat = model.decode(model.encoder(xb))
-        l1 += (x_hat - xb).abs().sum().item()
-        se += (x_hat - xb).pow(2).sum().item()
-    mse = se / x.numel()
-    return {"test_recon_l1": l1 / x.numel(), "test_mse": mse,
-            "test_psnr_db": 10 * np.log10(1.0 / mse)}
-
-
-def train(model, x_train, args, device):
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    steps_per_epoch = len(x_train) // args.batch_size
-    total = args.epochs * steps_per_epoch
-    if args.steps:
-        total = min(total, args.steps)
-    progress = Progress(total)
-    step = 0
-    while step < total:
-        model.train()
-        order = torch.randperm(len(x_train))
-        for i in range(steps_per_epoch):
-            if step == total:
-                break
-            xb = x_train[order[i * args.batch_size:(i + 1) * args.batch_size]].to(device)
-            x_hat, _ = model(xb)
-            loss = reconstruction_loss(x_hat, xb, args.loss)
-            check_finite(step, loss=loss)
+def train_judge(x_train, y_train, device, steps, seed=0):
+    """Cross-entropy training from a fixed seed, off the caller's random stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        judge = DigitJudge().to(device)
+        opt = torch.optim.Adam(judge.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            idx = torch.randint(len(x_train), (min(128, len(x_train)),), generator=gen)
+            loss = F.cross_entropy(judge(x_train[idx].to(device)), y_train[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
-            progress.update(step, len(xb), **{args.loss: loss.item()})
-    return step
+    return judge.eval()
 
 
 @torch.no_grad()
-def latent_statistics(model, x_train, device):
-    z = encode_all(model, x_train, device)  # (N, Z)
-    model.z_mean.copy_(z.mean(0))
-    model.z_std.copy_(z.std(0))
+def judge_outputs(judge, images, batch_size=500):
+    """Features (N, 128) and class probabilities (N, 10), float64 numpy."""
+    device = next(judge.parameters()).device
+    feats, probs = [], []
+    for i in range(0, len(images), batch_size):
+        f = judge.features(images[i:i + batch_size].to(device, torch.float32).clamp(0, 1))
+        feats.append(f.double().cpu())
+        probs.append(torch.softmax(judge.head(f).double(), 1).cpu())
+    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
 
 
-@torch.no_grad()
-def sample(model, n, device, seed=0):
-    """Decode random codes z ~ N(z_mean, diag(z_std^2)), fixed noise so runs compare."""
-    model.eval()
-    eps = torch.randn(n, model.z_mean.numel(), generator=torch.Generator().manual_seed(seed))
-    z = model.z_mean.cpu() + model.z_std.cpu() * eps
-    return model.decode(z.to(device)).cpu()
+def frechet_distance(feats_a, feats_b):
+    """FD between Gaussians fitted to two feature sets (N, F); tr (C_a C_b)^1/2 via the
+    symmetric product C_a^1/2 C_b C_a^1/2, which has the same eigenvalues."""
+    mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
+    cov_a, cov_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
+    w, v = np.linalg.eigh(cov_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
+    fd = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) \
+        - 2 * np.sqrt(np.clip(cross, 0, None)).sum()
+    return float(max(fd, 0.0))
 
 
-@torch.no_grad()
-def interpolate(model, x_a, x_b, device, steps=10):
-    """Decodes of (1 - t) z_a + t z_b for t in [0, 1]: (pairs * steps, 1, 28, 28)."""
-    model.eval()
-    z_a, z_b = model.encoder(x_a.to(device)), model.encoder(x_b.to(device))
-    t = torch.linspace(0, 1, steps, device=device).view(1, steps, 1)
-    z = (1 - t) * z_a[:, None] + t * z_b[:, None]  # (pairs, steps, Z)
-    return model.decode(z.flatten(0, 1)).cpu()
+def judge_score(probs):
+    """exp E_x KL(p(y|x) || p(y)): high when each image is confidently one digit and all
+    ten digits occur (the Inception score, with the judge in Inception's place)."""
+    p_y = probs.mean(0, keepdims=True)
+    kl = (probs * (np.log(probs + 1e-12) - np.log(p_y + 1e-12))).sum(1)
+    return float(np.exp(kl.mean()))
 
 
-def write_outputs(model, x_test, args, device, out):
-    n = args.num_samples
-    samples = sample(model, n, device, seed=args.seed)
-    atomic_write(out / "samples.npy", lambda f: np.save(f, samples.numpy()))  # (N, 1, 28, 28) in [0, 1]
-    write_png(out / "samples.png", image_grid(samples, ncol=min(n, 16)))
-    # recon.png: rows of 16 test digits, each row followed by its reconstruction.
-    with torch.no_grad():
-        model.eval()
-        x = x_test[:64]
-        x_hat = model.decode(model.encoder(x.to(device))).cpu()
-    rows = torch.stack([x.view(4, 16, 1, 28, 28), x_hat.view(4, 16, 1, 28, 28)], 1)
-    write_png(out / "recon.png", image_grid(rows.reshape(-1, 1, 28, 28), ncol=16))
-    # interp.png: 8 pairs of test digits of different classes, 10 steps each.
-    interp = interpolate(model, x_test[100:108], x_test[200:208], device)
-    write_png(out / "interp.png", image_grid(interp, ncol=10))
-
-
-# ----------------------------------------------------------------------------- main
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", default=str(HERE / "data" / "mnist"),
-                   help="folder with the four MNIST idx .gz files (downloaded if missing)")
-    p.add_argument("--out", default=f"runs/{SCRIPT}", help="output folder")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--steps", type=int, default=0, help="cap on optimizer steps (0: no cap)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--z-dim", type=int, default=32, help="latent dimensions")
-    p.add_argument("--width", type=int, default=32, help="channels of the first conv layer")
-    p.add_argument("--loss", choices=["l1", "l2"], default="l1")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--test-limit", type=int, default=0,
-                   help="evaluate on the first N test images only (0: all 10,000)")
-    p.add_argument("--sample-only", action="store_true",
-                   help="skip training: load --ckpt, evaluate and sample")
-    p.add_argument("--ckpt", help="checkpoint to load with --sample-only")
-    args = p.parse_args(argv)
-    if args.sample_only and not args.ckpt:
-        p.error("--sample-only needs --ckpt PATH")
-    for flag in ("epochs", "batch_size", "z_dim", "width", "num_samples"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.steps < 0 or args.test_limit < 0:
-        p.error("--steps and --test-limit must be >= 0")
-    return args
-
-
-def run(args):
-    device = pick_device(args.device)
-    seed_everything(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    x_test, _ = mnist_tensors(args.data_dir, "test")
-    if args.sample_only:
-        ckpt = load_checkpoint(args.ckpt)
-        cfg = ckpt["config"]
-        model = AutoEncoder(cfg["z_dim"], cfg["width"]).to(device)
-        model.load_state_dict(ckpt["model"])
-        steps, train_seconds = 0, 0.0
-    else:
-        x_train, _ = mnist_tensors(args.data_dir, "train")
-        model = AutoEncoder(args.z_dim, args.width).to(device)
-        start = time.time()
-        steps = train(model, x_train, args, device)
-        train_seconds = time.time() - start
-        latent_statistics(model, x_train, device)
-        save_checkpoint(out / "model.pt", model.state_dict(), vars(args))
-    metrics = evaluate(model, x_test[:args.test_limit or None], device)
-    write_outputs(model, x_test, args, device, out)
-    metrics.update(train_seconds=round(train_seconds, 1), steps=steps, device=str(device),
-                   test_images=len(x_test[:args.test_limit or None]))
-    if not args.sample_only:
-        write_metrics(out / "metrics.json", metrics)
-    print(json.dumps(metrics))
-    return metrics
-
-
-def main(argv=None):
-    args = parse_args(argv)
+def load_or_train_judge(path, device, x_train, y_train, x_test, y_test, steps):
+    """The judge cached at `path`, checked by the sha256 and config in its .json beside it;
+    trained again (and cached) when missing, damaged or made with other settings."""
+    path, meta_path = Path(path), Path(path).with_suffix(".json")
+    config = {"steps": int(steps), "seed": 0, "train_n": len(x_train), "version": 1}
     try:
-        return run(args)
-    except RunError as e:
-        sys.exit(f"error: {e}")
+        meta = json.loads(meta_path.read_text())
+        blob = path.read_bytes()
+        if meta["config"] == config and meta["sha256"] == hashlib.sha256(blob).hexdigest():
+            judge = DigitJudge()
+            judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return judge.to(device).eval(), float(meta["test_accuracy"])
+    except Exception:  # missing, unreadable or damaged: train a fresh one below
+        pass
+    print(f"training the digit judge ({steps} steps) -> {path}", flush=True)
+    judge = train_judge(x_train, y_train, device, steps)
+    _, probs = judge_outputs(judge, x_test)
+    accuracy = float((probs.argmax(1) == y_test.cpu().numpy()).mean())
+    atomic_write(path, lambda f: torch.save(judge.state_dict(), f))
+    meta = {"config": config, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "test_accuracy": accuracy}
+    atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    return judge, accuracy
+
+
+def judge_report(out, device, x_train, y_train, x_test, y_test, samples=None,
+                 sample_labels=None, recons=None, judge_steps=None):
+    """Judge figures for metrics.json. Every set holds the same N images and is measured
+    against the same reference, the test digits after the first N: the samples, the
+    reconstructions of the first N test digits, and three anchors (those N real digits,
+    the same binarised, uniform noise). judge_steps (smoke runs) trains a smaller judge."""
+    steps = JUDGE_STEPS if judge_steps is None else min(int(judge_steps), JUDGE_STEPS)
+    name = "digit_judge.pt" if judge_steps is None else f"digit_judge_{steps}steps.pt"
+    judge, accuracy = load_or_train_judge(Path(out).resolve().parent / name, device,
+                                          x_train, y_train, x_test, y_test, steps)
+    sizes = [len(s) for s in (samples, recons) if s is not None]
+    n = min(sizes + [len(x_test) // 2])
+    ref, _ = judge_outputs(judge, x_test[n:])
+    real = x_test[:n].cpu()
+    binarised = torch.bernoulli(real, generator=torch.Generator().manual_seed(0))
+    noise = torch.rand(real.shape, generator=torch.Generator().manual_seed(0))
+    report = {"judge_test_accuracy": accuracy, "judge_n": n}
+    for key, images in (("anchor_real", real), ("anchor_binarised", binarised),
+                        ("anchor_noise", noise), ("sample", samples), ("recon", recons)):
+        if images is None:
+            continue
+        feats, probs = judge_outputs(judge, images[:n])
+        report[f"{key}_fd"] = frechet_distance(feats, ref)
+        if key != "recon":
+            report[f"{key}_score"] = judge_score(probs)
+        if key == "sample" and sample_labels is not None:
+            asked = torch.as_tensor(sample_labels)[:n].cpu().numpy()
+            report["sample_label_match"] = float((probs.argmax(1) == asked).mean())
+    return report
+# --- end shared ---
 
 
 if __name__ == "__main__":

@@ -62,15 +62,55 @@ def test_loss_falls_on_a_fixed_batch(mnist_dir, loss):
     assert losses[-1] < 0.7 * ae.reconstruction_loss(torch.zeros_like(x), x, loss).item()
 
 
-def test_samples_use_the_training_code_statistics():
-    model = ae.AutoEncoder(z_dim=4, width=8)
-    model.z_mean.fill_(3.0)
-    model.z_std.fill_(0.0)
-    # With zero spread every random code is the mean code, so all samples are equal
-    # to the decode of that code.
-    s = ae.sample(model, 6, torch.device("cpu"))
-    expected = model.decode(torch.full((1, 4), 3.0)).detach()
-    assert torch.allclose(s, expected.expand_as(s), atol=1e-6)
+def correlated_codes(n=5000, seed=1):
+    """Codes (n, 3) with strong correlations (|corr| up to about 0.9), like a trained encoder's."""
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.5, 0.0], [-0.6, 0.3, 0.2]])
+    return torch.randn(n, 3, generator=gen) @ A.T + torch.tensor([1.0, -2.0, 0.5])
+
+
+def test_code_gaussian_is_the_mean_and_covariance_of_the_codes():
+    """Bug caught: a biased or mis-centred covariance, or L^T stored in place of L."""
+    codes = correlated_codes()
+    m, L = ae.code_gaussian(codes)
+    assert torch.allclose(m, codes.mean(0), atol=1e-5)
+    assert torch.allclose(L @ L.T, torch.cov(codes.T), atol=1e-5)
+    assert torch.equal(L, L.tril())
+
+
+def test_random_codes_follow_the_full_covariance_of_the_codes():
+    """Bug caught: random codes drawn from the diagonal Gaussian (per-dimension std only, the
+    correlations dropped), or z = m + L^T eps; --codes diag does drop them, and only them."""
+    codes = correlated_codes()
+    model = ae.AutoEncoder(z_dim=3, width=1)  # narrow: 40,000 decodes stay cheap
+    m, L = ae.code_gaussian(codes)
+    model.z_mean.copy_(m)
+    model.z_chol.copy_(L)
+    z, images = ae.sample(model, 40000, torch.device("cpu"), seed=3)
+    assert images.shape == (40000, 1, 28, 28)
+    assert torch.allclose(z.mean(0), codes.mean(0), atol=0.03)
+    assert torch.allclose(torch.cov(z.T), torch.cov(codes.T), atol=0.03)
+    z_diag, _ = ae.sample(model, 40000, torch.device("cpu"), seed=3, diagonal=True)
+    cov_diag = torch.cov(z_diag.T)
+    assert torch.allclose(cov_diag.diagonal(), torch.cov(codes.T).diagonal(), atol=0.03)
+    assert (cov_diag - torch.diag(cov_diag.diagonal())).abs().max() < 0.03
+
+
+def test_mahalanobis_distance_is_the_quadratic_form():
+    """Bug caught: S in place of S^-1 (|L^T (z - m)|^2), the wrong triangle solved, or the
+    mean not subtracted. Exact: the quadratic form with an explicit inverse; d^2 of
+    m + L eps is |eps|^2; the codes the Gaussian was fitted to average Z (N - 1) / N."""
+    codes = correlated_codes(n=1000)
+    m, L = ae.code_gaussian(codes)
+    z = torch.randn(7, 3) * 3
+    S_inv = torch.linalg.inv((L @ L.T).double())
+    explicit = (((z - m).double() @ S_inv) * (z - m).double()).sum(1)
+    assert torch.allclose(ae.mahalanobis_sq(z, m, L), explicit, rtol=1e-5)
+    samples = ae.random_codes(m, L, 5000, seed=4)
+    eps = torch.randn(5000, 3, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(ae.mahalanobis_sq(samples, m, L), eps.double().pow(2).sum(1),
+                          rtol=1e-4, atol=1e-4)
+    assert ae.mahalanobis_sq(codes, m, L).mean().item() == pytest.approx(3 * 999 / 1000, rel=1e-4)
 
 
 def test_interpolation_starts_and_ends_at_the_endpoints():
@@ -228,34 +268,127 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     assert list(tmp_path.iterdir()) == [path]
 
 
-def test_cli_smoke_run_writes_every_output_and_reloads(tmp_path, mnist_dir, capsys):
+def png_shape(path):
+    return decode_png(path.read_bytes()).shape
+
+
+def smoke_args(out, data_dir, *extra):
+    return ["--steps", "2", "--batch-size", "16", "--width", "8", "--z-dim", "8",
+            "--num-samples", "8", "--out", str(out), "--data-dir", str(data_dir), *extra]
+
+
+def test_cli_smoke_run_writes_every_output_and_reloads(tmp_path, tiny_mnist_dir, capsys):
+    """Bugs caught: hard-coded test indices (100:108, 200:208, a 4 x 16 recon grid) that fail
+    or draw empty grids on a test file of fewer than 208 images (this one holds 32); an
+    evaluation with --sample-only that overwrites the training run's metrics.json."""
     out = tmp_path / "run"
-    metrics = ae.main(["--steps", "2", "--out", str(out), "--data-dir", str(mnist_dir),
-                       "--test-limit", "200", "--num-samples", "8", "--width", "8"])
+    metrics = ae.main(smoke_args(out, tiny_mnist_dir, "--test-limit", "20"))
     for name in ("recon.png", "samples.png", "samples.npy", "interp.png", "model.pt",
                  "metrics.json"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "metrics.json").read_text())
-    assert {"test_recon_l1", "test_mse", "test_psnr_db", "train_seconds", "steps",
-            "device"} <= set(saved)
-    assert saved["steps"] == 2 and saved["test_images"] == 200
+    assert {"test_recon_l1", "test_mse", "test_psnr_db", "train_seconds", "steps", "device",
+            "sample_code_mahalanobis_sq", "test_code_mahalanobis_sq", "judge_n", "sample_fd",
+            "sample_score", "recon_fd", "anchor_real_fd", "anchor_noise_fd"} <= set(saved)
+    assert saved["steps"] == 2 and saved["test_images"] == 20 and saved["judge_n"] == 8
     samples = np.load(out / "samples.npy")
     assert samples.shape == (8, 1, 28, 28) and samples.min() >= 0 and samples.max() <= 1
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == saved
+    # 32 test digits: two rows of 16 and their reconstructions; 8 interpolation pairs.
+    assert png_shape(out / "recon.png") == (2 + 4 * 30, 2 + 16 * 30)
+    assert png_shape(out / "interp.png") == (2 + 8 * 30, 2 + 10 * 30)
 
+    before = (out / "metrics.json").read_bytes()
     again = ae.main(["--sample-only", "--ckpt", str(out / "model.pt"), "--out", str(out),
-                     "--data-dir", str(mnist_dir), "--test-limit", "200", "--num-samples", "8"])
+                     "--data-dir", str(tiny_mnist_dir), "--test-limit", "20", "--num-samples",
+                     "8", "--steps", "2"])
     assert again["test_mse"] == pytest.approx(saved["test_mse"], rel=1e-5)
+    assert again["sample_fd"] == pytest.approx(saved["sample_fd"], rel=1e-4)
     assert np.array_equal(np.load(out / "samples.npy"), samples)  # same noise, same model
+    assert (out / "metrics.json").read_bytes() == before
+    assert json.loads((out / "eval_metrics.json").read_text()) == again
 
 
-def test_cli_errors_are_one_line(tmp_path, mnist_dir, capsys):
+def test_stored_code_statistics_are_those_of_the_training_codes(tmp_path, tiny_mnist_dir):
+    """Bug caught: the training codes' statistics never measured (buffers left at N(0, I)),
+    or measured on other codes (a subset, the test set) than the training codes."""
+    ae.main(smoke_args(tmp_path / "run", tiny_mnist_dir))
+    model = ae.load_model(tmp_path / "run" / "model.pt", torch.device("cpu"))
+    x_train, _ = ae.mnist_tensors(tiny_mnist_dir, "train")
+    codes = ae.encode_all(model, x_train, torch.device("cpu"))  # (64, 8)
+    assert torch.allclose(model.z_mean, codes.mean(0), atol=1e-5)
+    assert torch.allclose(model.z_chol @ model.z_chol.T, torch.cov(codes.T), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--lr", "-1"], ["--lr", "0"], ["--lr", "nan"], ["--batch-size", "0"], ["--epochs", "0"],
+    ["--z-dim", "0"], ["--width", "-3"], ["--num-samples", "1"], ["--steps", "-1"],
+    ["--test-limit", "-5"], ["--sample-only"], ["--ckpt", "model.pt"], ["--codes", "sphere"],
+    ["--loss", "l3"]])
+def test_bad_flags_get_usage_and_one_line(argv, capsys):
+    """Bug caught: a flag left out of the validation table (--lr -1 reached Adam: traceback)."""
     with pytest.raises(SystemExit) as e:
-        ae.main(["--sample-only"])
+        ae.parse_args(argv)
     assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage:") and "error:" in err[-1] and argv[0] in err[-1]
+
+
+def one_line_error(argv):
+    with pytest.raises(SystemExit) as e:
+        ae.main(argv)
+    message = str(e.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_a_batch_larger_than_the_training_set_is_refused(tmp_path, tiny_mnist_dir):
+    """Bug caught: --batch-size above the training set's size silently training 0 steps."""
+    out = tmp_path / "run"
+    message = one_line_error(smoke_args(out, tiny_mnist_dir, "--batch-size", "65"))
+    assert "--batch-size 65" in message and "64" in message
+    assert not (out / "model.pt").exists() and not (out / "metrics.json").exists()
+
+
+def test_out_naming_a_file_is_refused(tmp_path, tiny_mnist_dir):
+    """Bug caught: --out naming an existing file (FileExistsError traceback)."""
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    assert "is a file" in one_line_error(smoke_args(path, tiny_mnist_dir))
+    assert path.read_text() == "mine"
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("no config keys", "'z_dim'"), ("z_dim a string", "'z_dim'"), ("width a bool", "'width'"),
+    ("config not the weights", "does not match"), ("a buffer missing", "do not fit"),
+    ("a negative z_dim", "does not match"), ("NaN weights", "NaN")])
+def test_a_damaged_checkpoint_of_this_script_gets_one_line(tmp_path, tiny_mnist_dir, damage,
+                                                           expected):
+    """Bug caught: a checkpoint with the right script tag but a broken config or weights
+    reaching AutoEncoder(cfg["z_dim"], ...) or load_state_dict (KeyError, size mismatch)."""
+    state, config = ae.AutoEncoder(z_dim=4, width=8).state_dict(), {"z_dim": 4, "width": 8}
+    if damage == "no config keys":
+        config = {}
+    elif damage == "z_dim a string":
+        config["z_dim"] = "4"
+    elif damage == "width a bool":
+        config["width"] = True
+    elif damage == "config not the weights":
+        config["z_dim"] = 16
+    elif damage == "a buffer missing":
+        del state["z_chol"]
+    elif damage == "a negative z_dim":
+        config["z_dim"] = -4
+    else:
+        state["decoder.0.bias"][0] = float("nan")
+    ae.save_checkpoint(tmp_path / "model.pt", state, config)
+    message = one_line_error(["--sample-only", "--ckpt", str(tmp_path / "model.pt"), "--out",
+                              str(tmp_path / "eval"), "--data-dir", str(tiny_mnist_dir)])
+    assert expected in message
+
+
+def test_cli_errors_are_one_line(tmp_path, tiny_mnist_dir):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit) as e:
-        ae.main(["--sample-only", "--ckpt", str(bad), "--out", str(tmp_path),
-                 "--data-dir", str(mnist_dir)])
-    assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+    one_line_error(["--sample-only", "--ckpt", str(bad), "--out", str(tmp_path),
+                    "--data-dir", str(tiny_mnist_dir)])
