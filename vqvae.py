@@ -423,55 +423,127 @@ class VQVAE(nn.Module):
 
 # ----------------------------------------------------------------------------- model: stage two
 
-class CausalBlock(nn.Module):
-    """Pre-norm transformer block; position t attends to positions <= t only."""
+# --- shared: token prior ---
+# Stage two of the VQ family (vqvae.py, vqgan.py, lfq.py): an autoregressive prior over
+# the T = h*w tokens of an image in raster order, conditioned on its label y,
+#     p(z | y) = prod_t p(z_t | z_<t, y),   fitted by next-token cross-entropy,
+# a small causal transformer with its attention written out. Label num_classes means
+# "no label": an unconditional prior is trained and sampled with that label only.
 
-    def __init__(self, E, heads):
+class CausalBlock(nn.Module):
+    """Pre-norm transformer block: h + attn(LN(h)), then h + MLP(LN(h)).
+
+    attn = softmax(Q K^T / sqrt(d) + mask) V over `heads` heads of size d = width / heads,
+    where the mask lets position t attend to positions <= t only."""
+
+    def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(E), nn.LayerNorm(E)
-        self.qkv, self.proj = nn.Linear(E, 3 * E), nn.Linear(E, E)
-        self.mlp = nn.Sequential(nn.Linear(E, 4 * E), nn.GELU(), nn.Linear(4 * E, E))
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
-    def forward(self, h, mask):
+    def forward(self, h):
         B, T, E = h.shape
-        q, k, v = self.qkv(self.ln1(h)).view(B, T, 3, self.heads, E // self.heads).permute(2, 0, 3, 1, 4)
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(E // self.heads)  # (B, heads, T, T)
-        # -inf before the softmax gives future positions weight exactly 0, and
-        # so exactly zero gradient: this line is the whole of causality.
-        att = att.masked_fill(~mask[:T, :T], float("-inf")).softmax(-1)
-        h = h + self.proj((att @ v).transpose(1, 2).reshape(B, T, E))
+        d = E // self.heads
+        q, k, v = self.qkv(self.ln1(h)).view(B, T, 3, self.heads, d).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(d)                 # (B, heads, T, T)
+        # -inf before the softmax gives future positions weight exactly 0, and so
+        # exactly zero gradient: this line is the whole of causality.
+        future = torch.ones(T, T, dtype=torch.bool, device=h.device).triu(1)
+        att = scores.masked_fill(future, float("-inf")).softmax(-1)
+        h = h + self.proj((att @ v).transpose(1, 2).reshape(B, T, E))      # (B, T, E)
         return h + self.mlp(self.ln2(h))
 
 
 class TokenPrior(nn.Module):
-    """p(z | y) = prod_t p(z_t | z_<t, y) over T = h*w tokens in raster order.
+    """prior(tokens, labels) -> logits: tokens (B, t), 1 <= t <= T, labels (B,) -> (B, t, K).
 
-    Input position 0 holds a start vector for the label y (index NUM_CLASSES =
-    "no label"), position t > 0 holds token z_{t-1}; output t predicts z_t."""
+    Input position 0 holds a start vector for the label y, input position s > 0 the
+    embedding of token z_{s-1}; so output t sees y and z_<t only, and its logits
+    predict z_t. The last input token is never read."""
 
-    def __init__(self, K=512, T=49, E=128, layers=2, heads=4):
+    def __init__(self, codebook_size, seq_len, num_classes=10, width=128, layers=3, heads=4):
         super().__init__()
-        self.K, self.T = K, T
-        self.tok_emb = nn.Embedding(K, E)
-        self.start_emb = nn.Embedding(NUM_CLASSES + 1, E)
-        self.pos_emb = nn.Parameter(0.02 * torch.randn(T, E))
-        self.blocks = nn.ModuleList(CausalBlock(E, heads) for _ in range(layers))
-        self.ln_f, self.head = nn.LayerNorm(E), nn.Linear(E, K)
-        self.register_buffer("mask", torch.tril(torch.ones(T, T, dtype=torch.bool)))
-
-    def embed(self, tokens, labels):
-        """tokens (B, T), labels (B,) -> inputs (B, T, E), shifted right by one."""
-        h = torch.cat([self.start_emb(labels)[:, None], self.tok_emb(tokens[:, :-1])], 1)
-        return h + self.pos_emb
-
-    def logits_from(self, h):
-        for block in self.blocks:
-            h = block(h, self.mask)
-        return self.head(self.ln_f(h))  # (B, T, K)
+        if width % heads:
+            raise ValueError(f"width {width} is not a multiple of heads {heads}")
+        self.codebook_size, self.seq_len, self.num_classes = codebook_size, seq_len, num_classes
+        self.tok_emb = nn.Embedding(codebook_size, width)
+        self.start_emb = nn.Embedding(num_classes + 1, width)  # row num_classes: "no label"
+        self.pos_emb = nn.Parameter(0.02 * torch.randn(seq_len, width))
+        self.blocks = nn.ModuleList(CausalBlock(width, heads) for _ in range(layers))
+        self.ln_f, self.head = nn.LayerNorm(width), nn.Linear(width, codebook_size)
 
     def forward(self, tokens, labels):
-        return self.logits_from(self.embed(tokens, labels))
+        h = torch.cat([self.start_emb(labels)[:, None], self.tok_emb(tokens[:, :-1])], 1)
+        h = h + self.pos_emb[:h.shape[1]]                                  # (B, t, E)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln_f(h))                                     # (B, t, K)
+
+
+def prior_nll(prior, tokens, labels):
+    """Mean negative log-likelihood per token in nats: -mean_{b,t} log p(z_t | z_<t, y)."""
+    logits = prior(tokens, labels)                                         # (B, T, K)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+
+
+def draw_token(logits, temperature=1.0, top_k=0, generator=None):
+    """One token per row from softmax(logits / temperature), restricted to the top_k
+    likeliest (0: all; ties with the k-th are kept): logits (B, K) -> tokens (B,)."""
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]                    # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def sample_tokens(prior, labels, temperature=1.0, top_k=0, generator=None, prefix=None):
+    """Ancestral sampling, z_t ~ p(z_t | z_<t, y) for t = 0..T-1: labels (B,) -> tokens (B, T).
+
+    prefix (B, t0), if given, fixes z_0..z_{t0-1} and sampling continues from there.
+    Step t runs the prior on z_0..z_t, where z_t is still a placeholder that output t
+    cannot see, and draws z_t from output t. `generator` lives on labels' device."""
+    if temperature <= 0 or top_k < 0:
+        raise ValueError(f"need temperature > 0 and top_k >= 0 (got {temperature}, {top_k})")
+    was_training = prior.training
+    prior.eval()
+    tokens = torch.zeros(len(labels), prior.seq_len, dtype=torch.long, device=labels.device)
+    start = 0
+    if prefix is not None:
+        start = prefix.shape[1]
+        tokens[:, :start] = prefix
+    for t in range(start, prior.seq_len):
+        logits = prior(tokens[:, :t + 1], labels)[:, t]                    # (B, K)
+        tokens[:, t] = draw_token(logits, temperature, top_k, generator)
+    prior.train(was_training)
+    return tokens
+
+
+def batches(n, batch_size, total, generator=None):
+    """Index tensors of `total` mini-batches of range(n), reshuffled every epoch
+    (an epoch's last incomplete batch is dropped)."""
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch size {batch_size} needs 1 <= batch size <= {n} examples")
+    step = 0
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for i in range(n // batch_size):
+            if step == total:
+                return
+            yield order[i * batch_size:(i + 1) * batch_size]
+            step += 1
+
+
+def cosine_lr(step, total, warmup=0):
+    """Learning-rate multiplier at step 0, 1, ..: linear warm-up (step + 1) / warmup for
+    step < warmup, then 0.5 (1 + cos(pi (step - warmup) / (total - warmup))), from 1
+    down to 0 at step = total. Use it as LambdaLR(opt, lambda s: cosine_lr(s, total))."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+# --- end shared ---
 
 
 # ----------------------------------------------------------------------------- objective
@@ -504,36 +576,11 @@ def codebook_stats(counts):
             "codebook_perplexity": torch.exp(-(p * p.log()).sum()).item()}
 
 
-def prior_nll(prior, tokens, labels):
-    """Mean negative log-likelihood per token, in nats."""
-    logits = prior(tokens, labels)
-    return F.cross_entropy(logits.reshape(-1, prior.K), tokens.reshape(-1))
-
-
 # ----------------------------------------------------------------------------- train / evaluate / sample
-
-def cosine_lr(step, total, warmup=0):
-    """Multiplier: linear warm-up, then cosine decay to 0 at the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
 
 def total_steps(n, args, epochs):
     per_epoch = max(1, n // args.batch_size)
     return min(epochs * per_epoch, args.steps) if args.steps else epochs * per_epoch
-
-
-def batches(n, batch_size, total):
-    """Indices of `total` shuffled mini-batches, epoch after epoch."""
-    step = 0
-    while True:
-        order = torch.randperm(n)
-        for i in range(max(1, n // batch_size)):
-            if step == total:
-                return
-            yield order[i * batch_size:(i + 1) * batch_size]
-            step += 1
 
 
 def train_vqvae(model, x_train, args, device):
@@ -600,7 +647,7 @@ def train_prior(prior, tokens, labels, args, device):
         nll.backward()
         opt.step()
         sched.step()
-        progress.update(step, len(idx), nll_bits_per_image=nll.item() * prior.T / math.log(2))
+        progress.update(step, len(idx), nll_bits_per_image=nll.item() * prior.seq_len / math.log(2))
     return total
 
 
@@ -613,19 +660,6 @@ def evaluate_prior(prior, tokens, labels, device, batch_size=1000):
         tb, yb = tokens[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
         nats += prior_nll(prior, tb, yb).item() * tb.numel()
     return nats / max(1, len(tokens)) / math.log(2)
-
-
-@torch.no_grad()
-def sample_tokens(prior, labels, temperature=1.0, seed=0):
-    """Ancestral sampling, one token at a time: z_t ~ p(z_t | z_<t, y)."""
-    prior.eval()
-    device = labels.device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    tokens = torch.zeros(len(labels), prior.T, dtype=torch.long, device=device)
-    for t in range(prior.T):  # tokens >= t are still placeholders; output t cannot see them
-        logits = prior(tokens, labels)[:, t] / temperature
-        tokens[:, t] = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
-    return tokens
 
 
 def sample_labels(n, conditional, device):
@@ -649,8 +683,9 @@ def write_outputs(model, prior, x_test, args, device, out, h, w):
     if prior is None:
         return
     labels, ncol = sample_labels(args.num_samples, not args.unconditional, device)
-    print(f"sampling {len(labels)} x {prior.T} tokens", flush=True)
-    z = sample_tokens(prior, labels, args.temperature, args.seed).view(-1, h, w)
+    print(f"sampling {len(labels)} x {prior.seq_len} tokens", flush=True)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    z = sample_tokens(prior, labels, args.temperature, args.top_k, gen).view(-1, h, w)
     with torch.no_grad():
         samples = model.decode_tokens(z).cpu()
     atomic_write(out / "samples.npy", lambda f: np.save(f, samples.numpy()))  # (N, 1, 28, 28) in [0, 1]
@@ -688,6 +723,7 @@ def parse_args(argv):
     p.add_argument("--prior-heads", type=int, default=4)
     p.add_argument("--unconditional", action="store_true", help="prior without the digit label")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest codes (0: all)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=100)
@@ -703,8 +739,8 @@ def parse_args(argv):
                  "dead_after", "prior_width", "prior_layers", "prior_heads", "num_samples"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.steps < 0 or args.test_limit < 0:
-        p.error("--steps and --test-limit must be >= 0")
+    if args.steps < 0 or args.test_limit < 0 or args.top_k < 0:
+        p.error("--steps, --test-limit and --top-k must be >= 0")
     if args.prior_width % args.prior_heads:
         p.error("--prior-width must be a multiple of --prior-heads")
     if not 0 < args.decay < 1 or args.temperature <= 0 or args.beta < 0:
@@ -717,7 +753,7 @@ def build_models(cfg, device, with_prior):
                   cfg["codebook"] == "ema", cfg["decay"]).to(device)
     prior = None
     if with_prior:
-        prior = TokenPrior(cfg["codebook_size"], 7 * 7, cfg["prior_width"],
+        prior = TokenPrior(cfg["codebook_size"], 7 * 7, NUM_CLASSES, cfg["prior_width"],
                            cfg["prior_layers"], cfg["prior_heads"]).to(device)
     return model, prior
 
@@ -745,6 +781,9 @@ def run(args):
         seconds = {"vq_train_seconds": 0.0, "prior_train_seconds": 0.0}
     else:
         x_train, y_train = mnist_tensors(args.data_dir, "train")
+        if args.batch_size > len(x_train):
+            raise RunError(f"--batch-size {args.batch_size} is larger than the training set "
+                           f"({len(x_train)} images)")
         model, prior = build_models(vars(args), device, not args.no_prior)
         start = time.time()
         steps = {"vq_steps": train_vqvae(model, x_train, args, device), "prior_steps": 0}

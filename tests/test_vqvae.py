@@ -149,28 +149,141 @@ def test_perplexity_is_K_for_uniform_and_1_for_a_single_code():
     assert s["codebook_usage"] == pytest.approx(1 / 512)
 
 
+# ----------------------------------------------------------------------------- the token prior
+
+def tiny_prior(K=6, T=8, num_classes=3, width=16, layers=2, heads=2, sharpen=6.0):
+    """A random fp32 prior whose next-token distributions are far from uniform and
+    differ from position to position (a scaled-up head), so that reading the wrong
+    position's logits changes what is drawn."""
+    prior = V.TokenPrior(K, T, num_classes, width, layers, heads).eval()
+    with torch.no_grad():
+        prior.head.weight.mul_(sharpen)
+        prior.tok_emb.weight.mul_(3.0)
+    return prior
+
+
+def reference_sample(prior, labels, temperature, top_k, generator):
+    """Full recompute: at step t run the prior on the whole length-T sequence (the
+    positions >= t hold random junk) and draw z_t from output t; top-k by rank."""
+    B, T = len(labels), prior.seq_len
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    junk = torch.Generator().manual_seed(123)
+    for t in range(T):
+        tokens[:, t:] = torch.randint(0, prior.codebook_size, (B, T - t), generator=junk)
+        with torch.no_grad():
+            logits = prior(tokens, labels)[:, t] / temperature  # (B, K)
+        if top_k:
+            rank = logits.argsort(-1, descending=True).argsort(-1)
+            logits = logits.masked_fill(rank >= top_k, float("-inf"))
+        tokens[:, t] = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    return tokens
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 3)])
+def test_sampler_matches_a_full_recompute_reference(monkeypatch, temperature, top_k):
+    """Catches the sampler reading the logits of the wrong position (output 0, or
+    t - 1, at every step) and a top-k that keeps the wrong tokens: per-step logits
+    equal the full forward on the generated sequence, and the draws equal those of a
+    full-recompute sampler with the same seeded generator, over 16 x 200 steps."""
+    prior = tiny_prior(K=6, T=200, num_classes=3)
+    labels = torch.tensor([0, 1, 2, 3] * 4)  # 3 = "no label"
+    seen = []
+    draw = V.draw_token
+    monkeypatch.setattr(V, "draw_token", lambda logits, *a: seen.append(logits) or draw(logits, *a))
+    fast = V.sample_tokens(prior, labels, temperature, top_k, torch.Generator().manual_seed(5))
+    slow = reference_sample(prior, labels, temperature, top_k, torch.Generator().manual_seed(5))
+    assert fast.shape == (16, 200) and len(seen) == 200
+    full = prior(fast, labels).detach()  # (B, T, K)
+    assert torch.allclose(torch.stack(seen, 1), full, rtol=0, atol=1e-5)
+    assert torch.equal(fast, slow)
+
+
+def test_token_frequencies_after_a_fixed_prefix_follow_the_prior():
+    """Catches the sampler reading output position 0 (or any other wrong position) at
+    every step, a temperature applied the wrong way and a top-k keeping the wrong
+    codes: after a fixed prefix z_0, z_1, the frequencies of z_2 over 20,000 draws
+    match softmax(logits[:, 2] / temperature) restricted to the top k."""
+    prior = tiny_prior(K=6, T=4, num_classes=3)
+    n, temperature, top_k = 20000, 0.8, 4
+    labels = torch.full((n,), 1)
+    prefix = torch.tensor([[4, 2]]).expand(n, 2)
+    with torch.no_grad():
+        logits = prior(torch.tensor([[4, 2, 0]]), labels[:1])[0] / temperature  # (3, K)
+    kth = logits[2].topk(top_k).values[-1]
+    p2 = logits[2].masked_fill(logits[2] < kth, float("-inf")).softmax(-1)
+    p0 = logits[0].softmax(-1)
+    assert (p2 - p0).abs().sum() > 0.3  # the test can tell position 2 from position 0
+    tokens = V.sample_tokens(prior, labels, temperature, top_k, torch.Generator().manual_seed(0),
+                             prefix=prefix)
+    assert torch.equal(tokens[:, :2], prefix)
+    freq = torch.bincount(tokens[:, 2], minlength=6).double() / n
+    sigma = (p2.double() * (1 - p2.double()) / n).sqrt()
+    assert torch.all((freq - p2.double()).abs() <= 5 * sigma + 1e-12), (freq, p2)
+    assert torch.all(freq[p2 == 0] == 0)  # never a code outside the top k
+
+
 def test_prior_is_causal_exactly():
-    prior = V.TokenPrior(K=16, T=49, E=32, layers=2, heads=4)
+    """Catches a mask that lets position t see t + 1 (triu(2), tril) and a missing or
+    doubled input shift: the gradient of logits[:, t] w.r.t. the embeddings of tokens
+    >= t is exactly zero, and nonzero for every token < t and for the label."""
+    prior = V.TokenPrior(16, 49, 10, width=32, layers=2, heads=4)
     tokens = torch.randint(0, 16, (2, 49))
-    labels = torch.tensor([3, 7])
-    h = prior.embed(tokens, labels).detach().requires_grad_(True)
-    logits = prior.logits_from(h)
+    labels = torch.tensor([3, 10])
+    captured = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        captured[module] = output
+
+    prior.tok_emb.register_forward_hook(keep)
+    prior.start_emb.register_forward_hook(keep)
+    logits = prior(tokens, labels)
+    emb, start = captured[prior.tok_emb], captured[prior.start_emb]  # emb[:, s] is token s
+    assert emb.shape == (2, 48, 32)
     for t in (0, 1, 24, 48):
-        h.grad = None
+        emb.grad = start.grad = None
         logits[:, t].sum().backward(retain_graph=True)
-        # input position s holds token s-1: output t may see tokens < t only,
-        # i.e. positions <= t; positions > t (tokens >= t) get exactly zero.
-        assert torch.all(h.grad[:, t + 1:] == 0)
-        assert h.grad[:, :t + 1].abs().sum(-1).min() > 0
+        assert torch.all(emb.grad[:, t:] == 0)
+        if t:
+            assert emb.grad[:, :t].abs().sum(-1).min() > 0
+        assert start.grad.abs().sum(-1).min() > 0
 
 
 def test_prior_output_does_not_change_when_future_tokens_do():
-    prior = V.TokenPrior(K=16, T=49, E=32, layers=2, heads=4).eval()
+    """Catches a non-causal mask: changing tokens >= 20 leaves logits[:, :21] bit for
+    bit unchanged, and a prefix gives the same logits as the whole sequence."""
+    prior = V.TokenPrior(16, 49, 10, width=32, layers=2, heads=4).eval()
     a = torch.randint(0, 16, (1, 49))
     b = a.clone()
-    b[0, 20:] = torch.randint(0, 16, (29,))
+    b[0, 20:] = (a[0, 20:] + 1 + torch.randint(0, 15, (29,))) % 16
     y = torch.tensor([1])
-    assert torch.equal(prior(a, y)[:, :21], prior(b, y)[:, :21])
+    with torch.no_grad():
+        la, lb, prefix = prior(a, y), prior(b, y), prior(a[:, :21], y)
+    assert torch.equal(la[:, :21], lb[:, :21])
+    assert not torch.equal(la[:, 21:], lb[:, 21:])
+    assert torch.allclose(prefix, la[:, :21], rtol=0, atol=1e-5)
+
+
+def test_batches_cover_each_epoch_once_and_reject_a_batch_larger_than_the_data():
+    """Catches an iterator that repeats or skips examples within an epoch, or yields
+    a short or empty batch: 3 epochs of 10 // 3 batches, each epoch 9 distinct indices."""
+    got = list(V.batches(10, 3, 9))
+    assert len(got) == 9 and all(len(b) == 3 for b in got)
+    for e in range(3):
+        epoch = torch.cat(got[3 * e:3 * e + 3])
+        assert len(epoch.unique()) == 9 and epoch.max() < 10
+    with pytest.raises(ValueError):
+        next(V.batches(10, 11, 5))
+
+
+def test_cosine_lr_warms_up_then_falls_to_zero():
+    """Catches a schedule off by one (a zero first step) or not ending near 0."""
+    assert V.cosine_lr(0, 100, warmup=10) == pytest.approx(0.1)
+    assert V.cosine_lr(9, 100, warmup=10) == pytest.approx(1.0)
+    assert V.cosine_lr(10, 100, warmup=10) == pytest.approx(1.0)
+    assert V.cosine_lr(55, 100, warmup=10) == pytest.approx(0.5)
+    assert V.cosine_lr(0, 100) == 1.0 and V.cosine_lr(100, 100) == pytest.approx(0.0, abs=1e-12)
+    assert all(V.cosine_lr(s, 100) > V.cosine_lr(s + 1, 100) for s in range(100))
 
 
 def test_losses_fall_on_a_fixed_batch(mnist_dir):
@@ -194,7 +307,7 @@ def test_losses_fall_on_a_fixed_batch(mnist_dir):
 
     tokens, _ = V.encode_tokens(model, x, "cpu")
     tokens = tokens.flatten(1)
-    prior = V.TokenPrior(K=64, T=49, E=32, layers=1, heads=2)
+    prior = V.TokenPrior(64, 49, 10, width=32, layers=1, heads=2)
     opt = torch.optim.Adam(prior.parameters(), lr=3e-3)
     losses = []
     for _ in range(40):
@@ -210,7 +323,8 @@ def test_losses_fall_on_a_fixed_batch(mnist_dir):
 def test_cli_writes_every_output_and_sample_only_reloads(tiny_mnist_dir, tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--data-dir", str(tiny_mnist_dir), "--test-limit", "32", "--num-samples", "12",
-              "--codebook-size", "32", "--width", "16", "--prior-width", "16", "--device", "cpu"]
+              "--codebook-size", "32", "--width", "16", "--prior-width", "16", "--device", "cpu",
+              "--batch-size", "16"]
     metrics = V.main(common + ["--out", str(out), "--steps", "2"])
     for name in ("model.pt", "metrics.json", "samples.png", "samples.npy", "recon.png"):
         assert (out / name).is_file(), name
