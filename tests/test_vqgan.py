@@ -1,6 +1,7 @@
 """Properties of vqgan.py: the adaptive GAN weight, the hinge losses and the
-separation of the two players, the patch discriminator, the warm-up, the
-transformer's causality and top-k sampling, the VQ gradients, and the CLI."""
+separation of the two players, the patch discriminator, the GAN schedule, the VQ
+gradients, the token grids, the prior's causality and its sampler against the
+prior's own probabilities, and the CLI with its errors."""
 
 import json
 import math
@@ -11,15 +12,22 @@ import torch
 
 import vqgan
 
+TINY = ["--codebook-size", "16", "--code-dim", "8", "--width", "8",
+        "--prior-width", "32", "--prior-layers", "2"]
+
 
 def tiny_args(*extra):
-    return vqgan.parse_args(["--K", "16", "--code-dim", "8", "--width", "8",
-                             "--prior-width", "32", "--prior-layers", "2", *extra])
+    return vqgan.parse_args(TINY + list(extra))
 
 
 def tiny_models(args):
     model, disc, _ = vqgan.build(vars(args), torch.device("cpu"))
     return model, disc
+
+
+def loss_kw(args, use_gan=True):
+    return dict(beta=args.beta, perceptual_weight=args.perceptual_weight, use_gan=use_gan,
+                disc_weight=args.disc_weight, max_lambda=args.max_lambda)
 
 
 def params(module):
@@ -29,6 +37,13 @@ def params(module):
 def same(a, b):
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
+
+def tiny_prior(K=4, T=4, width=16, layers=1):
+    torch.manual_seed(0)
+    return vqgan.TokenPrior(K, T, vqgan.NUM_CLASSES, width, layers, 2).eval()
+
+
+# ----------------------------------------------------------------------------- the GAN
 
 def test_adaptive_weight_is_the_ratio_of_gradient_norms():
     # Tiny "decoder" whose last layer is y = h W^T; its gradients have a closed form:
@@ -47,16 +62,21 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms():
     assert vqgan.adaptive_weight(rec, gan, W, max_weight=1e-3).item() == pytest.approx(1e-3)
 
 
-def test_adaptive_weight_in_the_model_uses_the_decoders_last_layer():
-    args = tiny_args("--disc-start", "0")
+def test_total_loss_is_the_sum_of_its_terms_with_lambda_from_the_last_layer():
+    """Catches lambda measured at another layer, beta or w_d on the wrong term, and a
+    total that drops a term."""
+    args = tiny_args("--beta", "0.3", "--disc-weight", "0.7", "--perceptual-weight", "0.5")
     model, disc = tiny_models(args)
     x = torch.rand(4, 1, 28, 28) * 2 - 1
-    terms, _, _ = vqgan.generator_loss(model, disc, x, 0, args)
-    rec = terms["l1"] + args.perceptual_weight * terms["perc"]
+    terms, _, _ = vqgan.generator_loss(model, disc, x, **loss_kw(args))
+    rec = terms["l1"] + 0.5 * terms["perc"]
     g_rec, = torch.autograd.grad(rec, model.last_layer, retain_graph=True)
     g_gan, = torch.autograd.grad(terms["gan"], model.last_layer, retain_graph=True)
     assert model.last_layer is model.decoder[-1].weight
-    assert terms["lambda"].item() == pytest.approx((g_rec.norm() / (g_gan.norm() + 1e-4)).item(), rel=1e-5)
+    lam = (g_rec.norm() / (g_gan.norm() + 1e-4)).item()
+    assert terms["lambda"].item() == pytest.approx(lam, rel=1e-5)
+    expected = rec + terms["codebook"] + 0.3 * terms["commit"] + 0.7 * lam * terms["gan"]
+    assert terms["total"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_hinge_losses_on_hand_picked_logits():
@@ -69,7 +89,9 @@ def test_hinge_losses_on_hand_picked_logits():
 
 
 def test_each_player_step_leaves_the_other_players_weights_alone():
-    args = tiny_args("--disc-start", "0")
+    """Catches fakes not detached in the discriminator step, and a generator step
+    that moves D."""
+    args = tiny_args()
     model, disc = tiny_models(args)
     opt_g = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-2, betas=(0.5, 0.9))
@@ -81,13 +103,15 @@ def test_each_player_step_leaves_the_other_players_weights_alone():
     assert all(p.grad is None for p in model.parameters())  # x_hat was detached
     assert not same(params(disc), d0)
     d1 = params(disc)
-    terms, _, _ = vqgan.generator_step(model, disc, opt_g, x, 0, args)
+    terms, _, _ = vqgan.generator_step(model, disc, opt_g, x, **loss_kw(args))
     assert "gan" in terms
     assert same(params(disc), d1)
     assert not same(params(model), g0)
 
 
 def test_discriminator_returns_a_patch_grid_with_a_small_receptive_field():
+    """Catches a normalisation layer (or a global pool) that lets every logit see
+    the whole image."""
     disc = vqgan.PatchDiscriminator(8)
     x = torch.randn(1, 1, 28, 28, requires_grad=True)
     logits, _ = disc(x)
@@ -98,55 +122,34 @@ def test_discriminator_returns_a_patch_grid_with_a_small_receptive_field():
     assert 4 < height <= 18 and 4 < width <= 18   # 18 x 18 patch, well inside 28 x 28
 
 
-def test_gan_term_adds_exactly_nothing_before_disc_start():
-    args = tiny_args("--disc-start", "5")
-    no_gan = tiny_args("--disc-start", "5", "--no-gan")
-    model, disc = tiny_models(args)
-    x = torch.rand(4, 1, 28, 28) * 2 - 1
+def test_gan_term_joins_only_after_disc_start_and_never_with_no_gan(monkeypatch, tiny_mnist_dir):
+    """Catches the GAN term switched on one step early (>= instead of >) or ignoring --no-gan."""
+    x, _ = vqgan.mnist_tensors(tiny_mnist_dir, "train")
+    seen = []
 
-    def grads(a, step):
-        model.zero_grad(set_to_none=True)
-        terms, _, _ = vqgan.generator_loss(model, disc, x, step, a)
-        terms["total"].backward()
-        return [p.grad.clone() for p in model.parameters()], terms
+    def spy(model, disc, opt_g, x, use_gan, **kw):
+        seen.append(use_gan)
+        return real_step(model, disc, opt_g, x, use_gan=use_gan, **kw)
 
-    reference, _ = grads(no_gan, 4)
-    before, terms = grads(args, 4)
-    assert "gan" not in terms
-    assert same(before, reference)
-    after, terms = grads(args, 5)
-    assert "gan" in terms and not same(after, reference)
+    real_step = vqgan.generator_step
+    monkeypatch.setattr(vqgan, "generator_step", spy)
+    for extra, expected in ((), [False] * 3 + [True] * 2), (("--no-gan",), [False] * 5):
+        seen.clear()
+        args = tiny_args("--tok-steps", "5", "--disc-start", "3", "--batch-size", "8", *extra)
+        vqgan.train_tokenizer(*tiny_models(args), x, args, torch.device("cpu"))
+        assert seen == expected
 
 
-def test_transformer_is_causal():
-    prior = vqgan.Prior(K=16, T=10, E=32, n_layer=2, n_head=4)
-    labels, tokens = torch.tensor([3, 7]), torch.randint(0, 16, (2, 9))
-    h = prior.embed(labels, tokens).detach().requires_grad_(True)   # (B, T, E)
-    logits = prior.forward_embeddings(h)                            # (B, T, K)
-    for t in range(10):
-        g, = torch.autograd.grad(logits[:, t].sum(), h, retain_graph=True)
-        # Position t predicts code k_{t+1}; it must not see inputs t+1 .. (k_{t+1} onwards)
-        assert torch.all(g[:, t + 1:] == 0)
-        assert torch.all(g[:, :t + 1].abs().sum(-1) > 0)           # ...but does see the past
-
-
-def test_top_k_never_returns_a_token_outside_the_top_k():
-    logits = torch.randn(1, 50).repeat(4000, 1)
-    gen = torch.Generator().manual_seed(0)
-    draws = vqgan.sample_top_k(logits, temperature=3.0, top_k=5, generator=gen)
-    top5 = set(logits[0].topk(5).indices.tolist())
-    assert set(draws.tolist()) == top5          # every one of the 5, and nothing else
-    greedy = vqgan.sample_top_k(logits[:10], temperature=1.0, top_k=1, generator=gen)
-    assert torch.all(greedy == logits[0].argmax())
-
+# ----------------------------------------------------------------------------- the quantiser
 
 def test_straight_through_and_commitment_placement():
+    """Catches beta on the codebook term instead of the commitment, and a missing sg[]."""
     vq = vqgan.VectorQuantizer(K=8, D=4)
     vq.codebook.weight.data.normal_()
     z_e = torch.randn(2, 4, 3, 3, requires_grad=True)
-    z_q, idx, codebook, commit = vq(z_e)
+    z_q, tokens, codebook, commit = vq(z_e)
     e = vq.codebook.weight
-    assert torch.allclose(z_q.detach(), e[idx].permute(0, 3, 1, 2).detach(), atol=1e-6)
+    assert torch.allclose(z_q.detach(), e[tokens].permute(0, 3, 1, 2).detach(), atol=1e-6)
     # Straight-through: d(sum g * z_q)/dz_e = g exactly.
     g = torch.randn_like(z_q)
     grad_ze, = torch.autograd.grad((g * z_q).sum(), z_e, retain_graph=True)
@@ -161,8 +164,23 @@ def test_straight_through_and_commitment_placement():
     # ... and the codes get the full, unweighted pull towards the encoder outputs.
     zq_flat = z_q.detach().permute(0, 2, 3, 1).reshape(-1, 4)
     ze_flat = z_e.detach().permute(0, 2, 3, 1).reshape(-1, 4)
-    expected = torch.zeros_like(e).index_add_(0, idx.flatten(), 2 * (zq_flat - ze_flat) / z_e.numel())
+    expected = torch.zeros_like(e).index_add_(0, tokens.flatten(), 2 * (zq_flat - ze_flat) / z_e.numel())
     assert torch.allclose(grad_e, expected)
+
+
+def test_reconstruction_term_alone_reaches_the_encoder_through_straight_through():
+    """Catches the straight-through estimator removed (z_q = e_k): the encoder then
+    gets gradient only from the commitment term, and none from L1."""
+    model, _ = tiny_models(tiny_args())
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    z_e = model.encoder(x)
+    z_q, _, _, _ = model.quantizer(z_e)
+    l1 = (model.decoder(z_q) - x).abs().mean()
+    g_zq, g_ze = torch.autograd.grad(l1, [z_q, z_e], retain_graph=True)
+    assert g_ze.abs().sum() > 0 and torch.equal(g_ze, g_zq)   # copied onto z_e unchanged
+    first = model.encoder[0].weight
+    g_enc, = torch.autograd.grad(l1, first, allow_unused=True)
+    assert g_enc is not None and g_enc.abs().sum() > 0
 
 
 def test_dead_codes_restart_onto_encoder_outputs():
@@ -179,25 +197,114 @@ def test_dead_codes_restart_onto_encoder_outputs():
     assert torch.all(vq.hits == 0)
 
 
+@pytest.mark.parametrize("downsample,side", [(2, 7), (3, 4), (4, 2)])
+def test_token_grids_and_decode_tokens(downsample, side):
+    """Catches a grid of the wrong size for --downsample, and decode_tokens taking
+    another path than the forward pass (for example without the codebook lookup)."""
+    args = tiny_args("--downsample", str(downsample))
+    model, _ = tiny_models(args)
+    model.eval()
+    x = torch.rand(2, 1, 28, 28) * 2 - 1
+    x_hat, z_e, tokens, _, _ = model(x)
+    assert z_e.shape == (2, 8, side, side) and tokens.shape == (2, side, side)
+    assert x_hat.shape == (2, 1, 28, 28) and model.side == side
+    assert torch.allclose(model.decode_tokens(tokens), x_hat, atol=1e-5)
+    assert torch.equal(vqgan.encode_tokens(model, x, torch.device("cpu"), batch_size=1), tokens)
+
+
+# ----------------------------------------------------------------------------- the prior
+
+def test_prior_is_causal():
+    """Catches a missing or off-by-one causal mask: logits[:, t] may depend on
+    tokens[:, :t] only."""
+    prior = tiny_prior(K=16, T=10)
+    labels, tokens = torch.tensor([3, 7]), torch.randint(0, 16, (2, 10))
+    base = prior(tokens, labels)
+    for s in range(10):
+        changed = tokens.clone()
+        changed[:, s] = (changed[:, s] + 1) % 16
+        logits = prior(changed, labels)
+        assert torch.equal(logits[:, :s + 1], base[:, :s + 1])          # blind to tokens >= t
+        if s + 1 < 10:
+            assert not torch.allclose(logits[:, s + 1], base[:, s + 1])  # ...but sees the past
+
+
+def reference_sampler(prior, labels, temperature, top_k, generator):
+    """The sampler written the slow, obvious way: full forward on the sequence so far."""
+    tokens = torch.zeros(len(labels), prior.seq_len, dtype=torch.long)
+    for t in range(prior.seq_len):
+        logits = prior(tokens, labels)[:, t] / temperature
+        if top_k:
+            kth = logits.topk(top_k, -1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        tokens[:, t] = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    return tokens
+
+
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_sampler_matches_a_full_recompute_reference(top_k, monkeypatch):
+    """Catches a sampler reading output position 0 (or t - 1) at every step, or
+    ignoring top-k: each step's logits equal the full forward on the finished
+    sequence (within 1e-5), and the same seeded generator gives the same tokens
+    as the full-recompute sampler."""
+    prior = tiny_prior(K=8, T=6)
+    labels = torch.arange(300) % 10
+    steps, draw = [], vqgan.draw_token
+    monkeypatch.setattr(vqgan, "draw_token", lambda logits, *a: steps.append(logits) or draw(logits, *a))
+    got = vqgan.sample_tokens(prior, labels, 0.7, top_k, torch.Generator().manual_seed(1))
+    assert len(steps) == 6
+    assert torch.allclose(torch.stack(steps, 1), prior(got, labels), atol=1e-5)
+    want = reference_sampler(prior, labels, 0.7, top_k, torch.Generator().manual_seed(1))
+    assert torch.equal(got, want)
+    if top_k:   # every token lies among the top_k of its own position's logits
+        top = prior(got, labels).topk(top_k, -1).indices
+        assert (top == got[..., None]).any(-1).all()
+
+
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_sampler_frequencies_match_the_priors_softmax_at_position_t(top_k):
+    """Catches the sampler reading output position 0 at every step: after a fixed
+    prefix (the commonest one), the frequencies of token t = 2 and t = 3 among the
+    samples match softmax(logits[:, t] / temperature), restricted to the top k."""
+    prior, temperature = tiny_prior(K=4, T=4), 0.4
+    labels = torch.full((4000,), 3)
+    tokens = vqgan.sample_tokens(prior, labels, temperature, top_k, torch.Generator().manual_seed(0))
+    for t in (2, 3):
+        prefixes, counts = tokens[:, :t].unique(dim=0, return_counts=True)
+        prefix = prefixes[counts.argmax()]
+        rows = (tokens[:, :t] == prefix).all(1)
+        n = int(rows.sum())
+        assert n >= 300
+        freq = torch.bincount(tokens[rows, t], minlength=4).double() / n
+        seq = torch.zeros(1, 4, dtype=torch.long)
+        seq[0, :t] = prefix
+        logits = prior(seq, labels[:1])[0, t].double() / temperature
+        if top_k:
+            logits[logits < logits.topk(top_k).values[-1]] = -math.inf
+        p = logits.softmax(-1)
+        assert torch.all((freq - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 0.01), (t, freq, p)
+
+
 def test_losses_fall_on_a_fixed_batch(tiny_mnist_dir):
     torch.manual_seed(0)
     x, y = vqgan.mnist_tensors(tiny_mnist_dir, "train")
-    args = tiny_args("--disc-start", "40", "--lr", "3e-3", "--disc-lr", "3e-3")
+    args = tiny_args("--lr", "3e-3", "--disc-lr", "3e-3")
     model, disc = tiny_models(args)
     opt_g = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9))
     l1 = []
     for step in range(60):
-        terms, x_hat, _ = vqgan.generator_step(model, disc, opt_g, x, step, args)
+        terms, x_hat, _ = vqgan.generator_step(model, disc, opt_g, x, **loss_kw(args, step >= 40))
         vqgan.discriminator_step(disc, opt_d, x, x_hat)
         l1.append(terms["l1"].item())
     assert np.mean(l1[-5:]) < 0.6 * np.mean(l1[:5])
-    prior = vqgan.Prior(K=16, T=49, E=32, n_layer=2, n_head=4)
+    prior = tiny_prior(K=16, T=49, width=32, layers=2)
+    prior.train()
     opt = torch.optim.Adam(prior.parameters(), lr=3e-3)
     tokens = torch.randint(0, 16, (8, 49))
     nll = []
     for _ in range(40):
-        loss = vqgan.prior_nll(prior, y[:8], tokens)
+        loss = vqgan.prior_nll(prior, tokens, y[:8])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -205,11 +312,15 @@ def test_losses_fall_on_a_fixed_batch(tiny_mnist_dir):
     assert nll[0] == pytest.approx(math.log(16), rel=0.15) and nll[-1] < 0.5 * nll[0]
 
 
+# ----------------------------------------------------------------------------- the command line
+
+SMOKE = TINY[:-1] + ["1", "--test-limit", "32", "--num-samples", "10", "--dead-after", "1",
+                     "--batch-size", "16", "--prior-batch-size", "16"]
+
+
 def test_cli_smoke_run_and_sample_only(tiny_mnist_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    common = ["--data-dir", str(tiny_mnist_dir), "--test-limit", "32", "--num-samples", "10",
-              "--K", "16", "--code-dim", "8", "--width", "8", "--prior-width", "32",
-              "--prior-layers", "1", "--restart-every", "1"]
+    common = SMOKE + ["--data-dir", str(tiny_mnist_dir), "--downsample", "3"]
     metrics = vqgan.main(common + ["--out", str(out), "--steps", "2", "--disc-start", "1"])
     for name in ("recon.png", "samples.png", "samples.npy", "model.pt", "metrics.json"):
         assert (out / name).is_file(), name
@@ -217,27 +328,67 @@ def test_cli_smoke_run_and_sample_only(tiny_mnist_dir, tmp_path, capsys):
     assert samples.shape == (10, 1, 28, 28) and samples.min() >= 0 and samples.max() <= 1
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("test_recon_l1", "test_psnr_db", "codebook_usage", "codebook_perplexity",
-                "test_prior_nll_bits", "train_seconds", "steps", "device"):
+                "test_prior_nll_bits", "train_seconds", "steps", "device", "sample_fd",
+                "sample_score", "recon_fd", "judge_n"):
         assert key in saved, key
     assert saved["tokenizer_steps"] == 2 and saved["prior_steps"] == 2
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == saved
 
-    again = vqgan.main(common + ["--out", str(tmp_path / "again"), "--sample-only",
-                                 "--ckpt", str(out / "model.pt")])
+    again = vqgan.main(common + ["--out", str(out), "--sample-only", "--ckpt", str(out / "model.pt"),
+                                 "--steps", "2"])                   # --steps: the small judge
     assert again["test_recon_l1"] == pytest.approx(saved["test_recon_l1"])
     assert again["test_prior_nll_bits"] == pytest.approx(saved["test_prior_nll_bits"])
-    assert (tmp_path / "again" / "samples.png").is_file()
+    assert json.loads((out / "metrics.json").read_text()) == saved      # not overwritten
+    assert json.loads((out / "eval_metrics.json").read_text()) == again
 
 
-def test_bad_inputs_fail_in_one_line(tiny_mnist_dir, tmp_path, capsys):
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "-1"], "--lr"), (["--disc-lr", "0"], "--disc-lr"), (["--prior-lr", "nan"], "--prior-lr"),
+    (["--beta", "-0.1"], "--beta"), (["--max-lambda", "-1"], "--max-lambda"),
+    (["--top-k", "-1"], "--top-k"), (["--temperature", "0"], "--temperature"),
+    (["--K", "16"], "--codebook-size"), (["--restart-every=5"], "--dead-after"),
+    (["--codebook-size", "0"], "--codebook-size"), (["--downsample", "5"], "--downsample"),
+    (["--width", "12"], "--width"), (["--prior-width", "30"], "--prior-width"),
+    (["--dead-after", "-1"], "--dead-after"), (["--sample-only"], "--ckpt")])
+def test_bad_flags_get_usage_and_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
-        vqgan.main(["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path),
-                    "--sample-only", "--ckpt", str(bad)])
-    assert "not a readable checkpoint" in str(e.value.code)
-    with pytest.raises(SystemExit) as e:
-        vqgan.parse_args(["--sample-only"])
+        vqgan.parse_args(argv)
     assert e.value.code == 2
-    with pytest.raises(SystemExit):
-        vqgan.parse_args(["--temperature", "0"])
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def broken_checkpoints(tmp_path):
+    """A valid tiny checkpoint, then copies with a broken config or broken weights."""
+    args = tiny_args()
+    model, disc, prior = vqgan.build(vars(args), torch.device("cpu"))
+    state = {"tokenizer": model.state_dict(), "disc": disc.state_dict(), "prior": prior.state_dict()}
+    cases = {"not a checkpoint": b"not a checkpoint"}
+    for name, cfg, weights in (
+            ("missing key", {k: v for k, v in vars(args).items() if k != "width"}, state),
+            ("wrong type", {**vars(args), "codebook_size": "16"}, state),
+            ("out of range", {**vars(args), "width": 12}, state),
+            ("huge", {**vars(args), "code_dim": 5000}, state),
+            ("weights", {**vars(args), "codebook_size": 32}, state),
+            ("no tokenizer", vars(args), {"prior": state["prior"]})):
+        vqgan.save_checkpoint(tmp_path / f"{name}.pt", weights, cfg)
+        cases[name] = tmp_path / f"{name}.pt"
+    (tmp_path / "not a checkpoint.pt").write_bytes(cases["not a checkpoint"])
+    cases["not a checkpoint"] = tmp_path / "not a checkpoint.pt"
+    return cases
+
+
+def test_bad_files_and_states_fail_in_one_line_leaving_nothing(tiny_mnist_dir, tmp_path):
+    """Catches tracebacks from deep inside torch on a broken checkpoint, a batch
+    larger than the training set, and --out naming a file."""
+    base = SMOKE + ["--data-dir", str(tiny_mnist_dir), "--steps", "1"]
+    runs = [["--out", str(tmp_path / "file")], ["--batch-size", "65"], ["--prior-batch-size", "100"]]
+    (tmp_path / "file").write_text("mine")
+    runs += [["--sample-only", "--ckpt", str(path)] for path in broken_checkpoints(tmp_path).values()]
+    for i, extra in enumerate(runs):
+        out = tmp_path / f"out{i}"
+        with pytest.raises(SystemExit) as e:
+            vqgan.main(base + ["--out", str(out)] + extra)
+        message = str(e.value.code)
+        assert message.startswith("error: ") and "\n" not in message, (extra, message)
+        assert not out.exists() or not any(out.iterdir()), extra
+    assert (tmp_path / "file").read_text() == "mine"
