@@ -21,12 +21,14 @@ the appendix) says how digit-like the decodes are. Outputs beside model.pt:
 
 Shape legend: B batch, C channels, H W height width, Z latent dims.
 
-Run:   python autoencoder.py                  (about 1.5 minutes on a 2-core CPU)
+Run:   python autoencoder.py                  (about 2 minutes on a 2-core CPU)
        python autoencoder.py --z-dim 8 --loss l2 --epochs 10
        python autoencoder.py --sample-only --ckpt runs/autoencoder/model.pt --num-samples 500
 Writes runs/autoencoder/: model.pt, metrics.json, recon.png, samples.png, samples.npy,
 interp.png (--sample-only writes eval_metrics.json, never metrics.json).
-CLAIM_LINE
+Default run: test L1 0.022 per pixel, PSNR 22.6 dB. The fair test, as measured: random codes
+lie as near N(m, S) as test codes do (d^2 33 vs 31), and decode to strokes and part-digits,
+some clear digits: far from noise, far from real digits on the judge's scale (see README).
 
 Reference: the lecture's auto-encoder; Hinton & Salakhutdinov (2006) for the idea.
 """
