@@ -27,10 +27,10 @@ Shapes: B batch, d bits per token (channels of z_e), h w token grid (7 x 7), T =
 
 Papers: Yu et al. 2024, "Language Model Beats Diffusion -- Tokenizer is Key to Visual
 Generation" (MAGVIT-v2, LFQ); Mentzer et al. 2023, "Finite Scalar Quantization".
-Run:  python lfq.py                            (d = 10, 1,024 codes; ~8 min on 2 CPU cores)
+Run:  python lfq.py                            (d = 10, 1,024 codes; 8 min on 2 CPU cores)
       python lfq.py --quantizer fsq --out runs/fsq                      (FSQ, 1,000 codes)
       python lfq.py --sample-only --ckpt runs/lfq/model.pt --num-samples 500 --out runs/lfq_n500
-Default run: runs/lfq/ (recon.png, samples.png, metrics.json): test MSE 0.008, all codes used.
+Default run: runs/lfq/: test MSE 0.0095, all 1,024 codes used, prior 81.2 bits per test image.
 """
 
 import argparse
@@ -60,7 +60,7 @@ GROUP_MAX_BITS = 8           # above: exact within groups of at most this many b
 FULL_SOFTMAX_MAX_BITS = 12   # prior: softmax over 2^d codes up to here, d Bernoulli bits above
 
 
-# ============================================================================ the quantiser: LFQ
+# ============================================================ the quantiser: LFQ
 
 def quantize(z_e):
     """z_q = sign(z_e) in {-1, +1} with a straight-through gradient.
@@ -85,7 +85,7 @@ def index_to_code(tokens, d):
     return bits.float() * 2 - 1
 
 
-# ============================================================================ the sibling: FSQ
+# ============================================================ the sibling: FSQ
 # Finite scalar quantisation (Mentzer et al. 2023): each channel of z_e is bounded and
 # rounded to one of L_i levels instead of to its sign, so the codebook is prod_i L_i
 # codes. No codebook parameters and no lookup, like LFQ; unlike LFQ no entropy or
@@ -129,7 +129,7 @@ def fsq_index_to_code(tokens, levels):
     return (digits - L // 2).float() / (L // 2)
 
 
-# ============================================================================ the entropy loss
+# ============================================================ the entropy loss
 
 def code_probs(z, tau):
     """p(c|z) = softmax_c(-||z - c||^2 / tau) over the 2^g codes of g bits: (N, g) -> (N, 2^g).
@@ -197,7 +197,7 @@ def entropy_terms(z, tau, groups):
     return per_sample, batch
 
 
-# ============================================================================ the tokenizer and its objective
+# ============================================================ the tokenizer and its objective
 
 class Tokenizer(nn.Module):
     """Conv encoder 28 -> 14 -> 7 to z_e (B, d, 7, 7), LFQ (or FSQ), the mirror decoder.
@@ -235,11 +235,15 @@ class Tokenizer(nn.Module):
 
     def to_index(self, codes):
         """Codes (..., d) -> tokens (...)."""
-        return code_to_index(codes) if self.levels is None else fsq_code_to_index(codes, self.fsq_levels)
+        if self.levels is None:
+            return code_to_index(codes)
+        return fsq_code_to_index(codes, self.fsq_levels)
 
     def to_code(self, tokens):
         """Tokens (...) -> codes (..., d)."""
-        return index_to_code(tokens, self.dim) if self.levels is None else fsq_index_to_code(tokens, self.fsq_levels)
+        if self.levels is None:
+            return index_to_code(tokens, self.dim)
+        return fsq_index_to_code(tokens, self.fsq_levels)
 
     def forward(self, x):
         z_e = self.encoder(x)                  # (B, d, h, w)
@@ -283,9 +287,9 @@ def stage_one_loss(model, x, beta, entropy_weight, tau, gamma, groups):
     return loss, {k: t[k] for k in ("recon", "commit", "per_sample", "batch")}
 
 
-# ============================================================================ the token prior
+# ============================================================ the token prior
 
-# --- shared: token prior (deviates: a token enters as its d bits or FSQ numbers, a Linear layer instead of a 2^d-row table, and above 2^12 codes leaves as d Bernoulli logits) ---
+# --- shared: token prior (deviates: tokens enter as their d bits by a Linear layer, not a 2^d-row table; a per-bit head above 2^12 codes) ---
 # Stage two of the VQ family (vqvae.py, vqgan.py, lfq.py): an autoregressive prior over
 # the T = h*w tokens of an image in raster order, conditioned on its label y,
 #     p(z | y) = prod_t p(z_t | z_<t, y),   fitted by next-token cross-entropy,
@@ -445,7 +449,7 @@ def cosine_lr(step, total, warmup=0):
 # --- end shared ---
 
 
-# ============================================================================ the experiment
+# ============================================================ the experiment
 
 CHECK_EVERY = 50  # read the loss (a host-device sync on a GPU) every this many steps
 
@@ -550,7 +554,8 @@ def write_outputs(model, prior, x_test, args, device, out):
     for the judge: N = --num-samples of each (recons of the first N test digits)."""
     model.eval()
     x = x_test[:args.num_samples]
-    recons = torch.cat([model(x[i:i + 1000].to(device))[0].clamp(0, 1).cpu() for i in range(0, len(x), 1000)])
+    recons = torch.cat([model(x[i:i + 1000].to(device))[0].clamp(0, 1).cpu()
+                        for i in range(0, len(x), 1000)])
     # recon.png: rows of up to 16 test digits, each row followed by its reconstruction.
     ncol = min(16, len(x_test))
     x = x_test[:64 // ncol * ncol]
@@ -570,7 +575,7 @@ def write_outputs(model, prior, x_test, args, device, out):
     return samples, labels.cpu(), recons
 
 
-# ============================================================================ main
+# ============================================================ main
 
 RENAMED = {"--commit-weight": "--beta", "--prior-dim": "--prior-width"}
 
@@ -636,6 +641,8 @@ def parse_args(argv=None):
                              "entropy_weight", "gamma", "seed"))
     if args.seed >= 2 ** 32:
         p.error(f"--seed must be < 2^32 (got {args.seed})")
+    if args.num_samples < 2 or 0 < args.test_limit < 4:  # the judge's Frechet distance needs N >= 2
+        p.error("--num-samples must be at least 2, and --test-limit 0 (all) or at least 4")
     if args.sample_only != bool(args.ckpt):
         p.error("--sample-only and --ckpt PATH go together")
     problem = config_problem(vars(args))
@@ -656,8 +663,8 @@ def build(cfg, device, with_prior):
     model = Tokenizer(cfg["bits"], cfg["width"], levels).to(device)
     prior = None
     if with_prior:
-        prior = TokenPrior(model.codebook_size, 7 * 7, NUM_CLASSES, cfg["prior_width"], cfg["prior_layers"],
-                           cfg["prior_heads"], levels=model.levels).to(device)
+        prior = TokenPrior(model.codebook_size, 7 * 7, NUM_CLASSES, cfg["prior_width"],
+                           cfg["prior_layers"], cfg["prior_heads"], levels=model.levels).to(device)
     return model, prior
 
 
@@ -670,6 +677,9 @@ def run(args):
     steps, train_seconds = [0, 0], 0.0
     if args.sample_only:
         model, prior = load_models(args.ckpt, device)
+        if args.top_k and prior is not None and prior.head_kind == "bits":
+            raise RunError(f"--top-k needs a softmax head; {args.ckpt} samples its {model.dim} "
+                           "bits one by one")
     else:
         if args.batch_size > len(x_train):
             raise RunError(f"--batch-size {args.batch_size} is larger than the training set "
@@ -680,6 +690,8 @@ def run(args):
         if prior is not None:
             tokens = encode_tokens(model, x_train, device).flatten(1)  # (N, T): the prior's data
             steps[1] = train_prior(prior, tokens, y_train, args, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # GPU work is asynchronous: time it once it is done
         train_seconds = time.time() - start
         state = {"tokenizer": model.state_dict()}
         if prior is not None:
@@ -690,7 +702,8 @@ def run(args):
         metrics["test_prior_nll_bits"] = evaluate_prior(prior, test_tokens.flatten(1), y_test, device)
         metrics["prior_head"] = prior.head_kind
     samples, labels, recons = write_outputs(model, prior, x_test, args, device, out)
-    metrics.update(quantizer="fsq" if model.levels else "lfq", levels=list(model.levels or [2] * model.dim),
+    metrics.update(quantizer="fsq" if model.levels else "lfq",
+                   levels=list(model.levels or [2] * model.dim),
                    bits=round(math.log2(model.codebook_size), 2), train_seconds=round(train_seconds, 1),
                    steps_stage1=steps[0], steps_stage2=steps[1], device=str(device),
                    test_images=len(x_test))
@@ -709,7 +722,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
 
-# ============================================================================ appendix: plumbing every script repeats
+# ============================================================ appendix: plumbing every script repeats
 
 # --- shared: run utilities ---
 class RunError(Exception):
@@ -999,7 +1012,7 @@ def image_grid(images, ncol, border=2, border_value=128):
 # features stand in for Inception's in FID. FD = |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^1/2)
 # between the features of two image sets (0 for identical sets), and a score
 # exp E_x KL(p(y|x) || p(y)) between 1 (one class, or no confident class) and 10.
-JUDGE_STEPS = 1500  # Adam steps of 128 digits for the full judge (about 3 epochs)
+JUDGE_STEPS = 1500  # Adam steps of 128 digits for the full judge: about 3 epochs, 98.9 % test accuracy
 
 
 class DigitJudge(nn.Module):
@@ -1124,7 +1137,7 @@ def judge_report(out, device, x_train, y_train, x_test, y_test, samples=None,
 # --- end shared ---
 
 
-# ============================================================================ checking flags and checkpoints (lfq's own plumbing)
+# ============================================================ checking flags and checkpoints (lfq's own)
 
 # Model sizes a flag or a checkpoint may ask for: (lowest, highest).
 MODEL_RANGES = {"bits": (1, 24), "width": (2, 1024), "prior_width": (1, 4096),
@@ -1135,12 +1148,14 @@ def parse_levels(levels, bits):
     """FSQ levels from '8,5,5,5', or the paper's for --bits; ValueError with what is wrong."""
     if not levels:
         if bits not in FSQ_LEVELS:
-            raise ValueError(f"--quantizer fsq needs --levels L1,L2,... or --bits in {sorted(FSQ_LEVELS)}")
+            raise ValueError("--quantizer fsq needs --levels L1,L2,... or --bits in "
+                             f"{sorted(FSQ_LEVELS)}")
         return FSQ_LEVELS[bits]
     try:
         values = tuple(int(v) for v in levels.split(","))
     except ValueError:
-        raise ValueError(f"--levels {levels!r}: give integers separated by commas, e.g. 8,5,5,5") from None
+        raise ValueError(f"--levels {levels!r}: give integers separated by commas, "
+                         "e.g. 8,5,5,5") from None
     if min(values) < 3:
         raise ValueError("FSQ levels must be at least 3 (2 levels is LFQ's sign)")
     if math.prod(values) > 2 ** MODEL_RANGES["bits"][1]:
@@ -1179,7 +1194,8 @@ def load_models(path, device):
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(ckpt, CONFIG_TYPES, path)
     if cfg.get("levels") is not None and not isinstance(cfg["levels"], str):
-        raise RunError(f"{path}: config 'levels' is {cfg['levels']!r}, not a str; the checkpoint is damaged")
+        raise RunError(f"{path}: config 'levels' is {cfg['levels']!r}, not a str; "
+                       "the checkpoint is damaged")
     cfg = {**cfg, "levels": cfg.get("levels")}
     problem = config_problem(cfg)
     if problem:

@@ -246,14 +246,42 @@ def test_fsq_levels_are_a_buffer_not_rebuilt_per_call(monkeypatch):
     x = torch.rand(2, 1, 28, 28)
     expected = lfq.fsq_quantize(model.encoder(x), (8, 5, 5, 5))
 
+    as_tensor = torch.as_tensor
+
     def no_tensor(*args, **kwargs):
         raise AssertionError("torch.tensor called inside the tokenizer")
+
+    def only_from_tensors(data, *args, **kwargs):
+        assert isinstance(data, torch.Tensor), "a tensor built from Python data inside the tokenizer"
+        return as_tensor(data, *args, **kwargs)
     monkeypatch.setattr(torch, "tensor", no_tensor)
+    monkeypatch.setattr(torch, "as_tensor", only_from_tensors)
     with torch.no_grad():
         z_q = model.quantize(model.encoder(x))
         tokens = model.encode(x)
         model.decode_tokens(tokens)
     assert torch.equal(z_q, expected) and tokens.shape == (2, 7, 7)
+
+
+@pytest.mark.parametrize("levels", [None, (8, 5, 5, 5)])
+def test_tokens_carry_the_whole_code_and_evaluation_counts_them(levels):
+    """Catches an index convention that the decoder side reads differently from the encoder
+    side (decode_tokens(encode(x)) must be exactly the decoder applied to z_q), and
+    evaluation figures computed from anything but those tokens and reconstructions."""
+    torch.manual_seed(0)
+    model = lfq.Tokenizer(bits=6, width=8, levels=levels).eval()
+    x = torch.rand(20, 1, 28, 28)
+    with torch.no_grad():
+        x_hat = model(x)[0].clamp(0, 1)
+        tokens = lfq.encode_tokens(model, x, "cpu", batch_size=7)                   # (N, 7, 7)
+        torch.testing.assert_close(model.decode_tokens(tokens), x_hat, rtol=0, atol=1e-6)
+    metrics, test_tokens = lfq.evaluate_tokenizer(model, x, "cpu", batch_size=6)
+    assert torch.equal(test_tokens, tokens)
+    assert metrics["test_recon_mse"] == pytest.approx((x_hat - x).pow(2).mean().item(), rel=1e-5)
+    counts = np.bincount(tokens.flatten().numpy(), minlength=model.codebook_size)
+    p = counts[counts > 0] / counts.sum()
+    assert metrics["codes_used"] == (counts > 0).sum() and metrics["codebook_size"] == len(counts)
+    assert metrics["codebook_perplexity"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
 
 
 # ----------------------------------------------------------------------------- prior
@@ -455,7 +483,8 @@ def test_cli_fsq_run_and_reload(tiny_mnist_dir, tmp_path):
     (["--gamma", "-1"], "--gamma"), (["--tau", "0"], "--tau"), (["--temperature", "0"], "--temperature"),
     (["--top-k", "-1"], "--top-k"), (["--epochs", "0"], "--epochs"), (["--prior-epochs", "-1"], "--prior-epochs"),
     (["--steps", "-1"], "--steps"), (["--batch-size", "0"], "--batch-size"), (["--width", "1"], "--width"),
-    (["--num-samples", "0"], "--num-samples"), (["--test-limit", "-1"], "--test-limit"),
+    (["--num-samples", "0"], "--num-samples"), (["--num-samples", "1"], "--num-samples"),
+    (["--test-limit", "-1"], "--test-limit"), (["--test-limit", "3"], "--test-limit"),
     (["--seed", "-1"], "--seed"), (["--bits", "0"], "--bits"), (["--bits", "25"], "--bits"),
     (["--prior-heads", "0"], "--prior-heads"), (["--prior-width", "30"], "multiple of --prior-heads"),
     (["--prior-layers", "0"], "--prior-layers"),
@@ -473,8 +502,7 @@ def test_bad_flags_are_refused_in_one_line(argv, says, capsys):
         lfq.parse_args(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("usage: ") or says in err[-1]
-    assert says in err[-1], err[-1]
+    assert err[0].startswith("usage: ") and says in err[-1], err
 
 
 def small_checkpoint(path, **change):
