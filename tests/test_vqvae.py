@@ -62,11 +62,29 @@ def test_straight_through_passes_the_gradient_unchanged():
     assert torch.equal(z_e.grad, g)  # ... backward: the identity, bit for bit
 
 
-def test_whole_model_gradient_reaches_the_encoder_through_the_quantiser():
-    model = V.VQVAE(K=32, D=4, width=8)
+@pytest.mark.parametrize("ema", [False, True])
+def test_reconstruction_gradient_reaches_the_encoder_straight_through(ema):
+    """Catches the straight-through estimator removed from the model (z_q = e): from
+    the reconstruction term alone, the encoder output z_e gets exactly the gradient
+    the decoder sends back to its input z_q, and the encoder's weights a nonzero one.
+    (The commitment term alone also reaches the encoder, so it is left out here.)"""
+    model = V.VQVAE(K=32, D=4, width=8, ema=ema)
     model.quantizer.codebook.data.normal_()
-    recon, _, commit, _, _ = V.vqvae_loss(model, torch.rand(2, 1, 28, 28))
-    (recon + commit).backward()
+    seen = {}
+
+    def keep_input(module, inputs):
+        if inputs[0].requires_grad:
+            inputs[0].retain_grad()
+        seen["z_q"] = inputs[0]
+
+    model.decoder.register_forward_pre_hook(keep_input)
+    x_hat, z_e, e, _ = model(torch.rand(2, 1, 28, 28))
+    z_e.retain_grad()
+    (x_hat - torch.rand(2, 1, 28, 28)).pow(2).mean().backward()
+    z_q = seen["z_q"]
+    assert torch.allclose(z_q, e, atol=1e-6)  # the decoder reads the chosen codes ...
+    assert z_q.grad is not None and z_q.grad.abs().sum() > 0
+    assert z_e.grad is not None and torch.equal(z_e.grad, z_q.grad)  # ... and z_e gets their gradient
     assert model.encoder[0].weight.grad.abs().sum() > 0
 
 
@@ -305,8 +323,7 @@ def test_losses_fall_on_a_fixed_batch(mnist_dir):
         first = recon.item() if first is None else first
     assert recon.item() < 0.6 * first
 
-    tokens, _ = V.encode_tokens(model, x, "cpu")
-    tokens = tokens.flatten(1)
+    tokens = V.encode_tokens(model, x, "cpu").flatten(1)
     prior = V.TokenPrior(64, 49, 10, width=32, layers=1, heads=2)
     opt = torch.optim.Adam(prior.parameters(), lr=3e-3)
     losses = []
@@ -325,13 +342,14 @@ def test_cli_writes_every_output_and_sample_only_reloads(tiny_mnist_dir, tmp_pat
     common = ["--data-dir", str(tiny_mnist_dir), "--test-limit", "32", "--num-samples", "12",
               "--codebook-size", "32", "--width", "16", "--prior-width", "16", "--device", "cpu",
               "--batch-size", "16"]
-    metrics = V.main(common + ["--out", str(out), "--steps", "2"])
+    metrics = V.main(common + ["--out", str(out), "--steps", "2", "--top-k", "5"])
     for name in ("model.pt", "metrics.json", "samples.png", "samples.npy", "recon.png"):
         assert (out / name).is_file(), name
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == metrics
     saved = json.loads((out / "metrics.json").read_text())
-    for key in ("test_recon_mse", "codebook_usage", "codebook_perplexity",
-                "test_prior_nll_bits", "naive_rate_bits", "train_seconds", "steps", "device"):
+    for key in ("test_recon_mse", "codebook_usage", "codebook_perplexity", "test_prior_nll_bits",
+                "naive_rate_bits", "train_seconds", "steps", "device", "sample_fd", "sample_score",
+                "sample_label_match", "recon_fd", "judge_n", "anchor_real_fd", "sample_seconds"):
         assert key in saved, key
     assert saved["naive_rate_bits"] == pytest.approx(49 * 5)
     assert saved["steps"] == 4
@@ -339,9 +357,14 @@ def test_cli_writes_every_output_and_sample_only_reloads(tiny_mnist_dir, tmp_pat
     assert samples.shape == (12, 1, 28, 28) and samples.min() >= 0 and samples.max() <= 1
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    assert saved["judge_n"] == 12  # min(--num-samples, half the test images)
     again = tmp_path / "again"
-    m2 = V.main(common + ["--out", str(again), "--sample-only", "--ckpt", str(out / "model.pt")])
+    m2 = V.main(common + ["--out", str(again), "--sample-only", "--ckpt", str(out / "model.pt"),
+                          "--steps", "2"])
     assert (again / "samples.png").is_file() and (again / "recon.png").is_file()
+    assert json.loads((again / "eval_metrics.json").read_text()) == m2
+    assert not (again / "metrics.json").exists()
+    assert m2["recon_fd"] == pytest.approx(saved["recon_fd"], rel=1e-6)
     assert m2["test_recon_mse"] == pytest.approx(saved["test_recon_mse"], rel=1e-5)
     assert m2["test_prior_nll_bits"] == pytest.approx(saved["test_prior_nll_bits"], rel=1e-5)
 
@@ -353,3 +376,86 @@ def test_bad_checkpoint_is_one_clear_line(tmp_path, tiny_mnist_dir, capsys):
         V.main(["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path / "o"),
                 "--sample-only", "--ckpt", str(bad)])
     assert str(e.value).startswith("error:") and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("flags", [
+    ["--lr", "-1"], ["--lr", "0"], ["--lr", "nan"], ["--prior-lr", "0"], ["--prior-lr", "-1e-3"],
+    ["--beta", "-0.1"], ["--top-k", "-1"], ["--decay", "1"], ["--decay", "-0.5"],
+    ["--temperature", "0"], ["--dead-after", "-1"], ["--steps", "-1"], ["--epochs", "0"],
+    ["--prior-epochs", "0"], ["--batch-size", "0"], ["--codebook-size", "0"], ["--code-dim", "0"],
+    ["--num-samples", "1"], ["--test-limit", "2"], ["--test-limit", "-1"], ["--prior-width", "130"],
+    ["--prior-heads", "0"], ["--prior-layers", "0"], ["--width", "63"], ["--sample-only"]])
+def test_bad_flags_get_usage_and_one_error_line(flags, capsys):
+    """Catches a flag that slips through unchecked (--lr -1 used to end in a traceback,
+    a negative --top-k silently meant "all"): argparse's usage, one error line, exit 2."""
+    with pytest.raises(SystemExit) as e:
+        V.parse_args(flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage:") and len([l for l in err.splitlines() if "error:" in l]) == 1
+
+
+def test_no_restart_is_dead_after_zero():
+    assert V.parse_args(["--no-restart"]).dead_after == 0
+    assert V.parse_args([]).dead_after == 20 and V.parse_args(["--dead-after", "0"]).dead_after == 0
+
+
+def one_line_error(argv):
+    with pytest.raises(SystemExit) as e:
+        V.main(argv)
+    message = str(e.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_batch_larger_than_the_training_set_and_out_a_file_are_one_line(tiny_mnist_dir, tmp_path):
+    """Catches a batch larger than the training set training on a silently smaller
+    batch (or dividing by zero), and --out naming a file ending in FileExistsError."""
+    common = ["--data-dir", str(tiny_mnist_dir), "--device", "cpu", "--steps", "1"]
+    msg = one_line_error(common + ["--out", str(tmp_path / "o"), "--batch-size", "65"])
+    assert "--batch-size 65" in msg and "64" in msg
+    assert not (tmp_path / "o").exists()  # nothing half-written
+    (tmp_path / "file").write_text("mine")
+    assert "is a file" in one_line_error(common + ["--out", str(tmp_path / "file"), "--batch-size", "16"])
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def tiny_checkpoint(path, config_changes=(), state_change=None):
+    """A real vqvae checkpoint of a tiny model, then damaged as asked."""
+    args = V.parse_args(["--codebook-size", "8", "--code-dim", "2", "--width", "4", "--prior-width", "8",
+                         "--prior-heads", "2", "--prior-layers", "1"])
+    model, prior = V.build_models(vars(args), "cpu", True)
+    state = {"vqvae": model.state_dict(), "prior": prior.state_dict()}
+    if state_change:
+        state_change(state)
+    V.save_checkpoint(path, state, {**vars(args), **dict(config_changes)})
+    return path
+
+
+@pytest.mark.parametrize("config, state_change", [
+    pytest.param({"codebook_size": "8"}, None, id="wrong-type"),
+    pytest.param({"codebook_size": 9}, None, id="disagrees-with-codebook"),
+    pytest.param({"codebook_size": 10 ** 9}, None, id="huge-model"),
+    pytest.param({"prior_layers": 2}, None, id="more-layers-than-weights"),
+    pytest.param({"codebook": "kmeans"}, None, id="codebook-mode"),
+    pytest.param({"decay": 1.5}, None, id="decay"),
+    pytest.param({"unconditional": None}, None, id="missing-value"),
+    pytest.param({}, lambda s: s["vqvae"].pop("decoder.0.weight"), id="weights-missing"),
+    pytest.param({}, lambda s: s["prior"].update({"head.bias": torch.zeros(3)}), id="weights-shape"),
+    pytest.param({}, lambda s: s.update({"vqvae": [1, 2]}), id="not-a-state-dict"),
+])
+def test_broken_checkpoint_of_the_right_script_is_one_line(tiny_mnist_dir, tmp_path, config, state_change):
+    """Catches a damaged config or damaged weights ending in a KeyError or a torch
+    traceback from deep inside (or building a huge model): one line, nothing written."""
+    ckpt = tiny_checkpoint(tmp_path / "model.pt", config, state_change)
+    msg = one_line_error(["--data-dir", str(tiny_mnist_dir), "--device", "cpu", "--out", str(tmp_path / "o"),
+                          "--sample-only", "--ckpt", str(ckpt)])
+    assert str(ckpt) in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_intact_tiny_checkpoint_loads(tmp_path):
+    model, prior, cfg = V.load_models(tiny_checkpoint(tmp_path / "model.pt"), "cpu")
+    assert prior.codebook_size == 8 and cfg["prior_layers"] == 1 and model.quantizer.D == 2
