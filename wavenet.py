@@ -374,10 +374,11 @@ def train(model, data, speakers, args, device, out=None, resume=False, log_every
 def evaluate(model, test, speakers, device, max_tokens=1 << 14):
     """Teacher-forced NLL over every test recording, in bits per sample. Recordings are
     sorted by length and padded into batches of about max_tokens samples (masked); 2^14
-    keeps the activations in cache (3.5x faster than 2^17 on a 2-core CPU)."""
+    keeps the activations in cache (3.5x faster than 2^17 on a 2-core CPU). The sum stays on
+    the device in float64 (no host sync per batch)."""
     model.eval()
     order = sorted(range(len(test)), key=lambda i: len(test[i][0]))
-    total_nats, count, i = 0.0, 0, 0
+    total_nats, count, i = torch.zeros((), dtype=torch.float64, device=device), 0, 0
     while i < len(order):
         j = i + 1
         while j < len(order) and (j - i + 1) * len(test[order[j]][0]) <= max_tokens:
@@ -392,10 +393,10 @@ def evaluate(model, test, speakers, device, max_tokens=1 << 14):
         speaker = torch.tensor([speakers.index(s) for _, _, s in batch], device=device)
         x, mask = x.to(device), mask.to(device)
         nll = F.cross_entropy(model(x, digit, speaker).float(), x, reduction="none")
-        total_nats += (nll * mask).sum().item()
-        count += int(mask.sum().item())
+        total_nats += (nll * mask).sum().double()
+        count += sum(len(c) for c, _, _ in batch)
         i = j
-    return total_nats / count / math.log(2), count
+    return total_nats.item() / count / math.log(2), count
 
 
 # ============================================================================ main
@@ -1077,7 +1078,7 @@ def train_judge(data, steps, device, seed=0, batch_size=32, length=SAMPLE_RATE):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        progress.update(step + 1, batch_size, loss=loss.item())
+        progress.update(step + 1, batch_size, loss=loss.detach())  # read only when printed
     return judge.eval()
 
 
