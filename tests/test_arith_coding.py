@@ -453,6 +453,7 @@ BAD_HEADERS = [  # (model, change, words of the error line)
     ("neural", {"chunk": 0}, "out of range"), ("neural", {"chunk": 10}, "streams"),
     ("neural", {"fingerprint": {"a": 1, "b": 2, "c": 3, "d": 4}}, "fingerprint"),
     ("neural", {"fingerprint": "x"}, "fingerprint"), ("neural", {"threads": 0, "k": 2}, "'k'"),
+    ("neural", {"length": 10 ** 12, "chunk": 10 ** 12 // 2 + 1}, "header says"),  # a neural bomb
 ]
 
 
@@ -503,7 +504,7 @@ def test_memory_budget_resets_identically_and_round_trips():
     stays under the budget. Catches a budget never enforced, a count that
     drifts from the tables (a repeated match key counted twice), and a reset
     that keeps its count."""
-    data = TEXT[:3000] * 8 + TEXT * 2  # repeats inside each stretch between resets
+    data = TEXT + TEXT[:500] * 40  # fresh text (resets every ~2 KB), then repeats inside a stretch
     enc_model, enc = ac.ContextModel(memory_mb=1), ac.ArithmeticEncoder(32)
     for i, x in enumerate(data):
         enc_model.encode(enc, x)
