@@ -272,6 +272,7 @@ def test_tokens_carry_the_whole_code_and_evaluation_counts_them(levels):
     model = lfq.Tokenizer(bits=6, width=8, levels=levels).eval()
     x = torch.rand(20, 1, 28, 28)
     with torch.no_grad():
+        model.decoder[-1].bias.fill_(0.5)  # outputs inside (0, 1): no clamp hides a difference
         x_hat = model(x)[0].clamp(0, 1)
         tokens = lfq.encode_tokens(model, x, "cpu", batch_size=7)                   # (N, 7, 7)
         torch.testing.assert_close(model.decode_tokens(tokens), x_hat, rtol=0, atol=1e-6)
@@ -333,6 +334,8 @@ def test_prior_is_a_normalised_distribution(K, levels):
                 logp = logits.log_softmax(-1)[torch.arange(K), 0, tokens[:, 0]]
             assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-4)
             assert lfq.prior_nll(prior, tokens, y).item() == pytest.approx(-logp.mean().item(), rel=1e-5)
+            # Token by token too (a mean over all K codes cannot see bits read the wrong way round).
+            assert lfq.prior_nll(prior, tokens[:3], y[:3]).item() == pytest.approx(-logp[:3].mean().item(), rel=1e-5)
 
 
 def reference_sampler(prior, labels, generator, temperature=1.0):
