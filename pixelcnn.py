@@ -19,9 +19,8 @@ Generation = compression: an arithmetic coder driven by p(x_t | x_<t) writes an 
 in about -log2 p(x) bits. --compress codes the test images into an archive;
 --decompress decodes it, pixel by pixel as the sampler draws, and checks every bit.
 
-Papers: van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders"
-and "Pixel Recurrent Neural Networks" (81.30 nats, unconditional); Witten, Neal &
-Cleary 1987, "Arithmetic coding for data compression".
+Papers: van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders" and
+"Pixel Recurrent Neural Networks" (81.30 nats); Witten, Neal & Cleary 1987 (arithmetic coding).
 Shape legend: B batch, C channels, H W height width, L levels (softmax classes).
 
 Run:   python pixelcnn.py                       (class-conditional, ~10 min on 2 CPU cores)
@@ -716,7 +715,8 @@ def parse_args(argv):
                    help="skip training: load --ckpt, evaluate and sample (-> eval_metrics.json)")
     p.add_argument("--ckpt", help="checkpoint for --sample-only, --compress, --decompress")
     p.add_argument("--compress", action="store_true",
-                   help="code the fixed test images with --ckpt into <out>/" + ARCHIVE_NAME)
+                   help="code the fixed test images with --ckpt into <out>/" + ARCHIVE_NAME
+                   + " (on the CPU)")
     p.add_argument("--decompress", metavar="FILE", help="decode an archive with --ckpt")
     p.add_argument("--image-range", type=image_range, metavar="A:B",
                    help="with --decompress: decode images A..B-1 only (whole chunks are decoded)")
@@ -1421,10 +1421,11 @@ def decompress(args, out):
                "checksums_match": True, "identical_to_test_set": None}
     if len(x):
         write_png(out / "decoded.png", image_grid(x[:100].float().numpy() / (model.levels - 1), 10))
-        first = header["first_image"] + a
+        metrics["full_decode_estimate_seconds"] = round(seconds / len(x) * header["images"], 1)
+    if len(x) and (Path(args.data_dir) / "t10k-images-idx3-ubyte.gz").is_file():
+        first = header["first_image"] + a  # the archive needs no MNIST; the check does
         original = fixed_test_set(mnist_uint8(args.data_dir, "test")[0], model.levels)
         metrics["identical_to_test_set"] = bool(torch.equal(original[first:first + len(x)], x))
-        metrics["full_decode_estimate_seconds"] = round(seconds / len(x) * header["images"], 1)
     write_metrics(out / "decompress_metrics.json", metrics)
     print(json.dumps(metrics))
     return metrics
