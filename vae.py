@@ -27,7 +27,7 @@ apart. Shape legend: B batch, D = 784 pixels, Z latent dims, K importance sample
 Papers: Kingma & Welling, "Auto-Encoding Variational Bayes" (2014); Burda, Grosse
 & Salakhutdinov, "Importance Weighted Autoencoders" (2016).
 
-Run:   python vae.py                  (about 3.5 min on a 2-core CPU; --steps 2: smoke)
+Run:   python vae.py                  (about 7 min on a 2-core CPU; --steps 2: smoke)
        python vae.py --z-dim 2        (adds manifold.png)
        python vae.py --sample-only --ckpt runs/vae/model.pt --iw-samples 5000
 Default run: runs/vae/ with test_nll_nats about 87.2 (k = 100), the digit judge's
