@@ -89,6 +89,9 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("ema_sum", self.codebook.detach().clone())
         # The training step at which each code last won an argmin (for the restart).
         self.register_buffer("last_used", torch.zeros(K, dtype=torch.long))
+        # No code can be dead before min_k last_used_k + dead_after (last_used only grows),
+        # so the restart reads the device only from that step on: no per-step sync.
+        self.next_check = 0
 
     @torch.no_grad()
     def nearest(self, z_flat, rows=1024):
@@ -141,14 +144,18 @@ class VectorQuantizer(nn.Module):
         """Codes unused for `dead_after` steps jump onto random rows of z_flat (recent
         encoder outputs). There they win at least the output they copy, so they
         are used again and then follow their new cluster. Returns how many."""
+        if step < self.next_check:
+            return 0
         dead = torch.nonzero(step - self.last_used >= dead_after).flatten()
         if len(dead) == 0:
+            self.next_check = int(self.last_used.min()) + dead_after
             return 0
         pick = torch.randint(len(z_flat), (len(dead),), device=z_flat.device)
         self.codebook.data[dead] = z_flat[pick]
         self.ema_sum[dead] = z_flat[pick]  # so that m_k / N_k = the new e_k
         self.ema_count[dead] = 1.0
         self.last_used[dead] = step
+        self.next_check = int(self.last_used.min()) + dead_after
         return len(dead)
 
     def upkeep(self, z_e, tokens, step, dead_after):

@@ -156,6 +156,30 @@ def test_a_dead_code_is_restarted_on_an_encoder_output_and_then_used():
     assert vq.codebook.data[3].abs().max() <= 1  # it followed its new cluster, inside [0, 1]^2
 
 
+def test_restart_skips_only_steps_where_no_code_can_be_dead():
+    """The restart reads the device only from min(last_used) + dead_after on. Against a
+    reference that checks every step (next_check forced to 0), the same codes restart at
+    the same steps on the same draws. Catches a bound computed from max(last_used) or
+    from the step instead of the oldest use (dead codes restarted late or never)."""
+    def run(check_every_step):
+        torch.manual_seed(0)
+        vq = V.VectorQuantizer(K=16, D=2, ema=True)
+        gen = torch.Generator().manual_seed(1)
+        log = []
+        for step in range(1, 120):
+            z = torch.rand(24, 2, generator=gen) * (1 + step % 7)  # a drifting cloud
+            codes = vq.nearest(z)
+            vq.mark_used(codes, step)
+            vq.ema_update(z, codes)
+            if check_every_step:
+                vq.next_check = 0
+            log.append(vq.restart_dead_codes(z, step, dead_after=6))
+        return log, vq.codebook.data.clone()
+    fast, reference = run(False), run(True)
+    assert sum(reference[0]) >= 5  # restarts happen at several steps
+    assert fast[0] == reference[0] and torch.equal(fast[1], reference[1])
+
+
 def test_perplexity_is_K_for_uniform_and_1_for_a_single_code():
     s = V.codebook_stats(torch.full((512,), 7))
     assert s["codebook_perplexity"] == pytest.approx(512, rel=1e-9)
