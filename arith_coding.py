@@ -16,11 +16,12 @@ Top to bottom: the textbook coder (one bit per loop: the specification), the
 fast integer coder (all settled bits at once: the same bytes), the quantiser
 (float probabilities -> integer frequencies, each >= 1), an adaptive order-0
 model, a byte-level GRU coded in lock-step streams, the container, the CLI.
-The appendix: plumbing, archive checks, the PPM context model (the default of
-`compress`), the benchmark. Neural archives depend on float kernels: the header
-records torch, device, CPU kernel path and a hash of the quantised tables on a
-fixed probe, and a machine that would compute other tables refuses before
-decoding (an integer-exact GRU would make archives portable, at the cost of a rewrite).
+The appendix: plumbing, the archive format and its checks, the training text,
+CLI helpers, the PPM context model (the default of `compress`), the benchmark.
+Neural archives depend on float kernels: the header records torch, device, CPU
+kernel path and a hash of the quantised tables on a fixed probe, and a machine
+that would compute other tables refuses before decoding (an integer-exact GRU
+would make archives portable, at the cost of a rewrite).
 
 Shape legend: B parallel streams (or batch), T time steps, V = 256 byte values, H hidden units.
 
@@ -547,64 +548,11 @@ def load_neural(ckpt_path, device):
 #   "ACPY" | version (1 byte) | header length (4 bytes) | header (JSON) | CRC32 of all before (4)
 #   | payload: the coded streams back to back, or in stored mode the input itself.
 # Every header value is checked for type and range before use; a claimed length
-# that its payload cannot hold is refused before decoding (see most_symbols).
+# that its payload cannot hold is refused before decoding. Packing, unpacking and
+# those checks are plumbing: they come after main, under "the archive format".
 
-MAGIC, VERSION, READS = b"ACPY", 3, (2, 3)  # 3: state_bits, fingerprint, memory budget, stored mode
-MAX_HEADER = 1 << 16
 MAX_ORDER, MAX_MIN_MATCH, MAX_STREAMS = 32, 4096, 4096
 DEFAULT_CKPT = f"runs/{SCRIPT}/model.pt"
-STORED_OVERHEAD = 50  # bytes of container around a stored input, at most
-
-
-def pack_archive(header, body):
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    head = MAGIC + bytes([VERSION]) + struct.pack(">I", len(text)) + text
-    return head + struct.pack(">I", zlib.crc32(head)) + body
-
-
-def pack_coded(spec, data, payloads):
-    body = b"".join(payloads)
-    return pack_archive(dict(spec, length=len(data), crc32=zlib.crc32(data),
-                             streams=[len(p) for p in payloads], payload_crc32=zlib.crc32(body)), body)
-
-
-def pack_stored(data):
-    """Stored mode: the input as it is, behind at most STORED_OVERHEAD bytes of container
-    (its length is the payload's: 13 container bytes + at most 37 of header)."""
-    return pack_archive({"model": "stored", "crc32": zlib.crc32(data)}, data)
-
-
-def unpack_archive(blob, name="archive"):
-    """-> (header dict, payloads), or a one-line RunError saying what is wrong."""
-    if blob[:4] != MAGIC:
-        raise RunError(f"{name} is not an {SCRIPT} archive (it does not start with {MAGIC!r})")
-    if len(blob) < 9:
-        raise RunError(f"{name} is truncated (it ends inside the header)")
-    if blob[4] not in READS:
-        raise RunError(f"{name} has format version {blob[4]}; this script reads versions "
-                       f"{' and '.join(map(str, READS))}")
-    size = struct.unpack(">I", blob[5:9])[0]
-    if size > MAX_HEADER:
-        raise RunError(f"{name}: its header claims {size} bytes, more than {MAX_HEADER}")
-    end = 9 + size
-    if len(blob) < end + 4:
-        raise RunError(f"{name} is truncated (it ends inside the header)")
-    if zlib.crc32(blob[:end]) != struct.unpack(">I", blob[end:end + 4])[0]:
-        raise RunError(f"{name} is damaged: its header fails the CRC check")
-    try:
-        header = json.loads(blob[9:end])
-    except (ValueError, RecursionError):
-        raise RunError(f"{name} has a header that is not valid JSON") from None
-    body = blob[end + 4:]
-    header = check_header(header, blob[4], len(body), name)
-    streams = header.get("streams", [header["length"]])
-    if len(body) != sum(streams):
-        raise RunError(f"{name} is truncated or has bytes appended: payload is {len(body)} bytes, "
-                       f"the header says {sum(streams)}")
-    if zlib.crc32(body) != header.get("payload_crc32", header["crc32"]):
-        raise RunError(f"{name} is damaged: its payload fails the CRC check")
-    offsets = np.cumsum([0] + streams).tolist()
-    return header, [body[a:b] for a, b in zip(offsets, offsets[1:])]
 
 
 def make_byte_model(kind, order=10, min_match=64, memory_mb=1024):
@@ -697,29 +645,6 @@ def sample_bytes(model_name, n, seed=0, prime=b"", state_bits=32, order=10, min_
 
 
 # ----------------------------------------------------------------------------- the experiment: a GRU on the standard library
-
-def stdlib_dir():
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def corpus(root):
-    """(train bytes, held-out bytes): every .py file under root (site-packages
-    excepted), split by a hash of its relative path: 1 file in 20 is held out."""
-    root = Path(root)
-    if not root.is_dir():
-        raise RunError(f"--data-dir {root} is not a folder")
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
-    if not files:
-        raise RunError(f"no .py files under {root}; --data-dir must be a folder of Python "
-                       f"source (the default is the running interpreter's {stdlib_dir()})")
-    train, heldout = [], []
-    for p in files:
-        held = zlib.crc32(p.relative_to(root).as_posix().encode()) % 20 == 0
-        (heldout if held else train).append(p.read_bytes())
-    if not train or not heldout:
-        raise RunError(f"{root} holds too few .py files for a train/held-out split")
-    return b"".join(train), b"".join(heldout)
-
 
 def warmup_cosine(step, total, warmup=50):
     """Learning-rate multiplier: linear warm-up, then cosine decay to a tenth."""
@@ -822,24 +747,6 @@ COMMANDS = ("train", "compress", "decompress", "sample", "bench")
 BYTE_MODELS = ("order0", "context", "neural")
 
 
-def model_flags(parser):
-    """Flags of the coder and the models (each is checked only where its model is used)."""
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--state-bits", type=int, default=32,
-                        help="bits of the coder's state, 20 to 62 (was --precision)")
-    parser.add_argument("--ckpt", help=f"neural: model.pt (default {DEFAULT_CKPT})")
-    parser.add_argument("--k", type=int, default=24, help="neural: frequencies sum to 2^k")
-    parser.add_argument("--streams", type=int, default=256,
-                        help=f"neural: most streams coded in lock-step (each >= 4096 bytes), <= {MAX_STREAMS}")
-    parser.add_argument("--order", type=int, default=10, help=f"context: longest PPM context, <= {MAX_ORDER}")
-    parser.add_argument("--min-match", type=int, default=64,
-                        help=f"context: bytes of context the match model looks up, <= {MAX_MIN_MATCH}")
-    parser.add_argument("--memory-mb", type=int, default=1024,
-                        help="context: memory budget of its tables (counted by the model; past it the "
-                             "model starts afresh, identically when decoding); 0: none")
-
-
 def build_parser():
     fmt = argparse.ArgumentDefaultsHelpFormatter
     common = argparse.ArgumentParser(add_help=False)
@@ -908,27 +815,6 @@ def parse_args(argv=None):
         p.error("--state-bits must be in [20, 62] (the context model's totals reach 2^17)")
     check_model_flags(p, args, models)
     return args
-
-
-def check_model_flags(p, args, models):
-    """Each model's flags, only where that model is used."""
-    if "neural" in models:
-        if not 8 <= args.k <= args.state_bits - 2:
-            p.error(f"--k must be in [8, state-bits - 2] (got {args.k})")
-        if not 1 <= args.streams <= MAX_STREAMS:
-            p.error(f"--streams must be in [1, {MAX_STREAMS}] (got {args.streams})")
-    if "context" in models:
-        if not 0 <= args.order <= MAX_ORDER:
-            p.error(f"--order must be in [0, {MAX_ORDER}] (got {args.order})")
-        if not 1 <= args.min_match <= MAX_MIN_MATCH:
-            p.error(f"--min-match must be in [1, {MAX_MIN_MATCH}] (got {args.min_match})")
-        check_flags(p, args, nonnegative=("memory_mb",))
-
-
-def coder_options(args):
-    """The coder's and the models' flags as keyword arguments of compress and sample_bytes."""
-    return dict(state_bits=args.state_bits, order=args.order, min_match=args.min_match,
-                memory_mb=args.memory_mb, ckpt=args.ckpt or DEFAULT_CKPT, device=args.device, k=args.k)
 
 
 def run(args):
@@ -1134,12 +1020,69 @@ class Progress:
 # --- end shared ---
 
 
-# ============================================================================ checking archives
+# ============================================================================ the archive format
 #
-# Nothing read from a file is used before it is checked: each header field's type
-# and range, the agreement between fields, and whether the payload can hold
-# the length the header claims. A neural archive also carries the fingerprint
-# of the kernels that computed its tables, checked before decoding.
+# The container's bytes, as laid out above `compress`. Nothing read from a file
+# is used before it is checked: each header field's type and range, the
+# agreement between fields, and whether the payload can hold the length the
+# header claims. A neural archive also carries the fingerprint of the kernels
+# that computed its tables, checked before decoding.
+
+MAGIC, VERSION, READS = b"ACPY", 3, (2, 3)  # 3: state_bits, fingerprint, memory budget, stored mode
+MAX_HEADER = 1 << 16
+STORED_OVERHEAD = 50  # bytes of container around a stored input, at most
+
+
+def pack_archive(header, body):
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head = MAGIC + bytes([VERSION]) + struct.pack(">I", len(text)) + text
+    return head + struct.pack(">I", zlib.crc32(head)) + body
+
+
+def pack_coded(spec, data, payloads):
+    body = b"".join(payloads)
+    return pack_archive(dict(spec, length=len(data), crc32=zlib.crc32(data),
+                             streams=[len(p) for p in payloads], payload_crc32=zlib.crc32(body)), body)
+
+
+def pack_stored(data):
+    """Stored mode: the input as it is, behind at most STORED_OVERHEAD bytes of container
+    (its length is the payload's: 13 container bytes + at most 37 of header)."""
+    return pack_archive({"model": "stored", "crc32": zlib.crc32(data)}, data)
+
+
+def unpack_archive(blob, name="archive"):
+    """-> (header dict, payloads), or a one-line RunError saying what is wrong."""
+    if blob[:4] != MAGIC:
+        raise RunError(f"{name} is not an {SCRIPT} archive (it does not start with {MAGIC!r})")
+    if len(blob) < 9:
+        raise RunError(f"{name} is truncated (it ends inside the header)")
+    if blob[4] not in READS:
+        raise RunError(f"{name} has format version {blob[4]}; this script reads versions "
+                       f"{' and '.join(map(str, READS))}")
+    size = struct.unpack(">I", blob[5:9])[0]
+    if size > MAX_HEADER:
+        raise RunError(f"{name}: its header claims {size} bytes, more than {MAX_HEADER}")
+    end = 9 + size
+    if len(blob) < end + 4:
+        raise RunError(f"{name} is truncated (it ends inside the header)")
+    if zlib.crc32(blob[:end]) != struct.unpack(">I", blob[end:end + 4])[0]:
+        raise RunError(f"{name} is damaged: its header fails the CRC check")
+    try:
+        header = json.loads(blob[9:end])
+    except (ValueError, RecursionError):
+        raise RunError(f"{name} has a header that is not valid JSON") from None
+    body = blob[end + 4:]
+    header = check_header(header, blob[4], len(body), name)
+    streams = header.get("streams", [header["length"]])
+    if len(body) != sum(streams):
+        raise RunError(f"{name} is truncated or has bytes appended: payload is {len(body)} bytes, "
+                       f"the header says {sum(streams)}")
+    if zlib.crc32(body) != header.get("payload_crc32", header["crc32"]):
+        raise RunError(f"{name} is damaged: its payload fails the CRC check")
+    offsets = np.cumsum([0] + streams).tolist()
+    return header, [body[a:b] for a, b in zip(offsets, offsets[1:])]
+
 
 U32 = (0, (1 << 32) - 1)
 FIELDS = {  # name: (type, smallest, largest)
@@ -1154,7 +1097,6 @@ NEEDS = {"stored": ("crc32",), "order0": CODED,
 # The most probable symbol each model can code, P <= 1 - 1/d: it bounds how
 # many symbols a payload of n bytes can hold (see most_symbols).
 LEAST_ODDS = {"order0": 65536 / 255, "context": 1024}
-
 
 
 def check_field(header, key, name):
@@ -1266,6 +1208,78 @@ def check_fingerprint(made, here, name):
         raise RunError(f"{name} cannot be decoded here: its neural tables were computed otherwise "
                        f"({'; '.join(differ)}); decode it where torch {made.get('torch')} runs "
                        f"the {made.get('kernel')} kernels on {made.get('device')}")
+
+
+# ============================================================================ the training text
+#
+# The neural model learns from Python source: every .py file of a folder (by
+# default the running interpreter's standard library), split by file.
+
+def stdlib_dir():
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def corpus(root):
+    """(train bytes, held-out bytes): every .py file under root (site-packages
+    excepted), split by a hash of its relative path: 1 file in 20 is held out."""
+    root = Path(root)
+    if not root.is_dir():
+        raise RunError(f"--data-dir {root} is not a folder")
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
+    if not files:
+        raise RunError(f"no .py files under {root}; --data-dir must be a folder of Python "
+                       f"source (the default is the running interpreter's {stdlib_dir()})")
+    train, heldout = [], []
+    for p in files:
+        held = zlib.crc32(p.relative_to(root).as_posix().encode()) % 20 == 0
+        (heldout if held else train).append(p.read_bytes())
+    if not train or not heldout:
+        raise RunError(f"{root} holds too few .py files for a train/held-out split")
+    return b"".join(train), b"".join(heldout)
+
+
+# ============================================================================ command-line helpers
+#
+# What main's parser and run() call: the flags shared by the models, each model's
+# checks where it is used, and the files named on the command line.
+
+def model_flags(parser):
+    """Flags of the coder and the models (each is checked only where its model is used)."""
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--state-bits", type=int, default=32,
+                        help="bits of the coder's state, 20 to 62 (was --precision)")
+    parser.add_argument("--ckpt", help=f"neural: model.pt (default {DEFAULT_CKPT})")
+    parser.add_argument("--k", type=int, default=24, help="neural: frequencies sum to 2^k")
+    parser.add_argument("--streams", type=int, default=256,
+                        help=f"neural: most streams coded in lock-step (each >= 4096 bytes), <= {MAX_STREAMS}")
+    parser.add_argument("--order", type=int, default=10, help=f"context: longest PPM context, <= {MAX_ORDER}")
+    parser.add_argument("--min-match", type=int, default=64,
+                        help=f"context: bytes of context the match model looks up, <= {MAX_MIN_MATCH}")
+    parser.add_argument("--memory-mb", type=int, default=1024,
+                        help="context: memory budget of its tables (counted by the model; past it the "
+                             "model starts afresh, identically when decoding); 0: none")
+
+
+def check_model_flags(p, args, models):
+    """Each model's flags, only where that model is used."""
+    if "neural" in models:
+        if not 8 <= args.k <= args.state_bits - 2:
+            p.error(f"--k must be in [8, state-bits - 2] (got {args.k})")
+        if not 1 <= args.streams <= MAX_STREAMS:
+            p.error(f"--streams must be in [1, {MAX_STREAMS}] (got {args.streams})")
+    if "context" in models:
+        if not 0 <= args.order <= MAX_ORDER:
+            p.error(f"--order must be in [0, {MAX_ORDER}] (got {args.order})")
+        if not 1 <= args.min_match <= MAX_MIN_MATCH:
+            p.error(f"--min-match must be in [1, {MAX_MIN_MATCH}] (got {args.min_match})")
+        check_flags(p, args, nonnegative=("memory_mb",))
+
+
+def coder_options(args):
+    """The coder's and the models' flags as keyword arguments of compress and sample_bytes."""
+    return dict(state_bits=args.state_bits, order=args.order, min_match=args.min_match,
+                memory_mb=args.memory_mb, ckpt=args.ckpt or DEFAULT_CKPT, device=args.device, k=args.k)
 
 
 def read_input(path):
