@@ -402,22 +402,21 @@ def to_unit(x):
     return ((x + 1) / 2).clamp(0, 1)
 
 
-def log_step(progress, step, total, batch, terms, every=25):
-    """Read the losses (a host-device sync on a GPU) only every `every` steps and at
-    the end; a non-finite loss stops the run there, before any checkpoint is written."""
-    if step % every and step != total:
-        return
-    values = {k: v.item() for k, v in terms.items() if k != "total"}
-    check_finite(step, **values)
-    progress.update(step, batch * (step % every or every), **values)
+def build(cfg, device):
+    """The tokenizer, its discriminator and the prior, from the flags or a checkpoint's config."""
+    model = VQGAN(cfg["codebook_size"], cfg["code_dim"], cfg["width"], cfg["downsample"]).to(device)
+    disc = PatchDiscriminator(cfg["width"]).to(device)
+    prior = TokenPrior(cfg["codebook_size"], model.side ** 2, NUM_CLASSES, cfg["prior_width"],
+                       cfg["prior_layers"], cfg["prior_heads"]).to(device)
+    return model, disc, prior
 
 
 def train_tokenizer(model, disc, x_train, args, device):
     """Alternate one generator step and one discriminator step; restart dead codes."""
     opt_g = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9))
-    loss_kw = dict(beta=args.beta, perceptual_weight=perceptual_weight(args),
-                   disc_weight=args.disc_weight, max_lambda=args.max_lambda)
+    loss_kw = dict(beta=args.beta, disc_weight=args.disc_weight, max_lambda=args.max_lambda,
+                   perceptual_weight=args.perceptual_weight if args.perceptual else 0.0)
     train_disc = loss_kw["perceptual_weight"] > 0 or args.gan
     progress, restarted = Progress(args.tok_steps, label="tokenizer"), 0
     model.train()
@@ -443,6 +442,41 @@ def encode_tokens(model, x, device, batch_size=1000):
                       for i in range(0, len(x), batch_size)])
 
 
+def train_prior(prior, tokens, labels, args, device):
+    """Next-token cross-entropy with AdamW, warm-up and cosine decay."""
+    opt = torch.optim.AdamW(prior.parameters(), lr=args.prior_lr, weight_decay=0.01)
+    total = args.prior_steps
+    progress = Progress(total, label="prior")
+    prior.train()
+    for step, idx in enumerate(batches(len(tokens), args.prior_batch_size, total), 1):
+        for group in opt.param_groups:
+            group["lr"] = args.prior_lr * cosine_lr(step - 1, total, warmup=min(100, total // 10))
+        loss = prior_nll(prior, tokens[idx].to(device), labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log_step(progress, step, total, len(idx), {"nll_bits_per_token": loss.detach() / math.log(2)})
+    return total
+
+
+def train_run(args, x_train, y_train, device, out):
+    """Both stages; model.pt holds every stage's weights. Returns model, prior, steps, seconds."""
+    check_batch_sizes(args, len(x_train))
+    model, disc, prior = build(vars(args), device)
+    start = time.time()
+    steps = {"tok": train_tokenizer(model, disc, x_train, args, device), "prior": 0}
+    state = {"tokenizer": model.state_dict(), "disc": disc.state_dict()}
+    if args.prior_steps:
+        tokens = encode_tokens(model, x_train, device).flatten(1)       # (N, T)
+        steps["prior"] = train_prior(prior, tokens, y_train, args, device)
+        state["prior"] = prior.state_dict()
+    else:
+        prior = None
+    seconds = time.time() - start
+    save_checkpoint(out / "model.pt", state, vars(args))
+    return model, prior, steps, seconds
+
+
 @torch.no_grad()
 def evaluate_tokenizer(model, x, device, batch_size=1000):
     """Reconstruction error in [0, 1] pixel units, PSNR, and how the codebook is used:
@@ -463,23 +497,6 @@ def evaluate_tokenizer(model, x, device, batch_size=1000):
             "test_psnr_db": 10 * math.log10(1.0 / mse),
             "codebook_usage": (counts > 0).float().mean().item(),
             "codebook_perplexity": math.exp(-(p * p.log()).sum().item())}, recons
-
-
-def train_prior(prior, tokens, labels, args, device):
-    """Next-token cross-entropy with AdamW, warm-up and cosine decay."""
-    opt = torch.optim.AdamW(prior.parameters(), lr=args.prior_lr, weight_decay=0.01)
-    total = args.prior_steps
-    progress = Progress(total, label="prior")
-    prior.train()
-    for step, idx in enumerate(batches(len(tokens), args.prior_batch_size, total), 1):
-        for group in opt.param_groups:
-            group["lr"] = args.prior_lr * cosine_lr(step - 1, total, warmup=min(100, total // 10))
-        loss = prior_nll(prior, tokens[idx].to(device), labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        log_step(progress, step, total, len(idx), {"nll_bits_per_token": loss.detach() / math.log(2)})
-    return total
 
 
 @torch.no_grad()
@@ -504,88 +521,7 @@ def sample_images(model, prior, n, temperature, top_k, seed, device):
     return to_unit(x_hat).cpu(), labels.cpu()
 
 
-def write_outputs(out, x_test, recons, samples):
-    """recon.png: rows of 16 test digits, each row followed by its reconstruction;
-    samples.png (one row per class) and samples.npy (N, 1, 28, 28) in [0, 1]."""
-    cols = min(16, len(x_test))
-    nrow = min(4, len(x_test) // cols)
-    rows = torch.stack([to_unit(x_test[:nrow * cols]).view(nrow, cols, 1, 28, 28),
-                        recons[:nrow * cols].view(nrow, cols, 1, 28, 28)], 1)
-    write_png(out / "recon.png", image_grid(rows.reshape(-1, 1, 28, 28), ncol=cols))
-    if samples is not None:
-        atomic_write(out / "samples.npy", lambda f: np.save(f, samples.numpy()))
-        write_png(out / "samples.png", image_grid(samples, ncol=-(-len(samples) // NUM_CLASSES)))
-
-
 # ----------------------------------------------------------------------------- main
-
-CONFIG = {"codebook_size": int, "code_dim": int, "width": int, "downsample": int,
-          "prior_width": int, "prior_layers": int, "prior_heads": int}
-
-
-def config_problem(cfg):
-    """What is wrong with a model configuration (from the flags or a checkpoint), or None."""
-    for key in CONFIG:
-        if not 1 <= cfg[key] <= (65536 if key == "codebook_size" else 4096):
-            return f"{key} = {cfg[key]} is out of range"
-    if cfg["downsample"] not in (2, 3, 4):
-        return "--downsample must be 2, 3 or 4 (7 x 7, 4 x 4 or 2 x 2 tokens)"
-    if cfg["width"] % 8 or cfg["prior_width"] % cfg["prior_heads"]:
-        return "--width must be a multiple of 8 and --prior-width of --prior-heads"
-    return None
-
-
-def build(cfg, device):
-    model = VQGAN(cfg["codebook_size"], cfg["code_dim"], cfg["width"], cfg["downsample"]).to(device)
-    disc = PatchDiscriminator(cfg["width"]).to(device)
-    prior = TokenPrior(cfg["codebook_size"], model.side ** 2, NUM_CLASSES, cfg["prior_width"],
-                       cfg["prior_layers"], cfg["prior_heads"]).to(device)
-    return model, disc, prior
-
-
-def perceptual_weight(args):
-    return args.perceptual_weight if args.perceptual else 0.0
-
-
-def train_run(args, x_train, y_train, device, out):
-    """Both stages; model.pt holds every stage's weights. Returns model, prior, steps, seconds."""
-    for flag, size in (("batch_size", args.batch_size), ("prior_batch_size", args.prior_batch_size)):
-        if size > len(x_train):
-            raise RunError(f"--{flag.replace('_', '-')} {size} is larger than the training set "
-                           f"({len(x_train)} images)")
-    model, disc, prior = build(vars(args), device)
-    start = time.time()
-    steps = {"tok": train_tokenizer(model, disc, x_train, args, device), "prior": 0}
-    state = {"tokenizer": model.state_dict(), "disc": disc.state_dict()}
-    if args.prior_steps:
-        tokens = encode_tokens(model, x_train, device).flatten(1)       # (N, T)
-        steps["prior"] = train_prior(prior, tokens, y_train, args, device)
-        state["prior"] = prior.state_dict()
-    else:
-        prior = None
-    seconds = time.time() - start
-    save_checkpoint(out / "model.pt", state, vars(args))
-    return model, prior, steps, seconds
-
-
-def load_run(path, device):
-    """The tokenizer (and prior, if trained) of a checkpoint, checked before use."""
-    ckpt = load_checkpoint(path)
-    cfg = checkpoint_config(ckpt, CONFIG, path)
-    problem = config_problem(cfg)
-    if problem:
-        raise RunError(f"{path}: broken config ({problem})")
-    model, _, prior = build(cfg, device)
-    weights = ckpt["model"]
-    if "tokenizer" not in weights:
-        raise RunError(f"{path}: no tokenizer weights")
-    load_weights(model, weights["tokenizer"], path)
-    if "prior" in weights:
-        load_weights(prior, weights["prior"], path)
-    else:
-        prior = None
-    return model, prior, {"tok": 0, "prior": 0}, 0.0
-
 
 def run(args):
     device = pick_device(args.device)
@@ -1105,6 +1041,77 @@ def judge_report(out, device, x_train, y_train, x_test, y_test, samples=None,
             report["sample_label_match"] = float((probs.argmax(1) == asked).mean())
     return report
 # --- end shared ---
+
+
+# ============================================================================ checking flags and checkpoints
+
+CONFIG = {"codebook_size": int, "code_dim": int, "width": int, "downsample": int,
+          "prior_width": int, "prior_layers": int, "prior_heads": int}
+
+
+def config_problem(cfg):
+    """What is wrong with a model configuration (from the flags or a checkpoint), or None."""
+    for key in CONFIG:
+        if not 1 <= cfg[key] <= (65536 if key == "codebook_size" else 4096):
+            return f"{key} = {cfg[key]} is out of range"
+    if cfg["downsample"] not in (2, 3, 4):
+        return "--downsample must be 2, 3 or 4 (7 x 7, 4 x 4 or 2 x 2 tokens)"
+    if cfg["width"] % 8 or cfg["prior_width"] % cfg["prior_heads"]:
+        return "--width must be a multiple of 8 and --prior-width of --prior-heads"
+    return None
+
+
+def check_batch_sizes(args, n_train):
+    """A batch must fit in the training set (known only once the data is loaded)."""
+    for flag, size in (("batch_size", args.batch_size), ("prior_batch_size", args.prior_batch_size)):
+        if size > n_train:
+            raise RunError(f"--{flag.replace('_', '-')} {size} is larger than the training set "
+                           f"({n_train} images)")
+
+
+def load_run(path, device):
+    """The tokenizer (and prior, if trained) of a checkpoint, checked before use."""
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(ckpt, CONFIG, path)
+    problem = config_problem(cfg)
+    if problem:
+        raise RunError(f"{path}: broken config ({problem})")
+    model, _, prior = build(cfg, device)
+    weights = ckpt["model"]
+    if "tokenizer" not in weights:
+        raise RunError(f"{path}: no tokenizer weights")
+    load_weights(model, weights["tokenizer"], path)
+    if "prior" in weights:
+        load_weights(prior, weights["prior"], path)
+    else:
+        prior = None
+    return model, prior, {"tok": 0, "prior": 0}, 0.0
+
+
+# ============================================================================ logging and writing outputs
+
+def log_step(progress, step, total, batch, terms, every=25):
+    """Read the losses (a host-device sync on a GPU) only every `every` steps and at
+    the end; a non-finite loss stops the run there, before any checkpoint is written."""
+    if step % every and step != total:
+        return
+    values = {k: v.item() for k, v in terms.items() if k != "total"}
+    check_finite(step, **values)
+    progress.update(step, batch * (step % every or every), **values)
+
+
+def write_outputs(out, x_test, recons, samples):
+    """recon.png: rows of 16 test digits, each row followed by its reconstruction;
+    samples.png (one row per class) and samples.npy (N, 1, 28, 28) in [0, 1]."""
+    cols = min(16, len(x_test))
+    nrow = min(4, len(x_test) // cols)
+    rows = torch.stack([to_unit(x_test[:nrow * cols]).view(nrow, cols, 1, 28, 28),
+                        recons[:nrow * cols].view(nrow, cols, 1, 28, 28)], 1)
+    write_png(out / "recon.png", image_grid(rows.reshape(-1, 1, 28, 28), ncol=cols))
+    if samples is not None:
+        atomic_write(out / "samples.npy", lambda f: np.save(f, samples.numpy()))
+        write_png(out / "samples.png", image_grid(samples, ncol=-(-len(samples) // NUM_CLASSES)))
+
 
 if __name__ == "__main__":
     main()
