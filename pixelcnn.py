@@ -425,10 +425,7 @@ LABEL_CUM = list(range(11))  # a label in 0..9: frequency 1 of 10 each, log2 10 
 
 
 def pixel_cum(logits):
-    """Logits (B, L) -> probabilities (B, L) and cumulative frequencies (B, L + 1).
-
-    quantise gives every value at least one count (a pixel the model calls
-    impossible stays codable) and the rest in proportion to p."""
+    """Logits (B, L) -> float64 probabilities (B, L) and cumulative frequencies (B, L + 1)."""
     probs = torch.softmax(logits.double(), dim=1).cpu().numpy()
     return probs, cumulative(quantise(probs, CODER_K))
 
@@ -473,20 +470,10 @@ def decode_chunk(model, payload, n, size, conditional):
     return x, labels
 
 
-def coding_bound_bits(pixels, streams, levels, labels=0):
-    """How far the coded payload may exceed the exact -log2 p of its pixels (plus
-    log2 10 per label): per pixel, rounding p to f / 2^k costs at most -log2(1 - L / 2^k)
-    (f >= p (2^k - L)); per symbol, the coder's integer interval at most
-    -log2(1 - total / 2^30) (state_bits 32); per stream, 2 bits to finish and 7 of padding."""
-    slack = -math.log2(1 - 2 ** CODER_K / 2 ** 30) * pixels - math.log2(1 - 10 / 2 ** 30) * labels
-    return -math.log2(1 - levels / 2 ** CODER_K) * pixels + slack + 9 * streams
-
-
 # ----------------------------------------------------------------------------- the experiment: data
 
-# The test set is binarised once, with this seed whatever --seed says, so every
-# run scores the same 10,000 binary images (the published numbers, too, score one
-# fixed binarisation of the test set).
+# The test set is binarised once, with this seed whatever --seed says, so every run
+# scores the same binary images (as the published numbers score one fixed binarisation).
 TEST_BINARISATION_SEED = 1234
 
 
@@ -523,10 +510,8 @@ def fixed_test_set(u8, levels, limit=0):
 
 # ----------------------------------------------------------------------------- the experiment: training
 
-# Settings that a resumed run must share with the run it continues: the model's shape,
-# the data order, and the learning-rate and averaging schedules.
-RESUME_MUST_MATCH = ("channels", "layers", "levels", "unconditional", "batch_size", "lr",
-                     "epochs", "steps", "ema_decay", "seed", "precision")
+# The loop's extras (bf16 autocast, weight averaging, the epoch monitor, resume) are
+# small helpers placed after main, under "training extras" and "checkpoints".
 CHECK_EVERY = 100  # steps between reads of the loss on the host (finiteness check)
 
 
@@ -539,20 +524,13 @@ def cosine_lr(step, total, warmup=0):
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def autocast(device, precision):
-    """bf16 autocast for training where precision == "bf16"; the loss, evaluation,
-    sampling and coding are always float32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def train(model, images, labels, args, device, monitor=None, out=None, resume=False):
     """Adam on the mean NLL per image, learning rate lr * cosine_lr(step, total).
 
-    With --ema-decay the loop keeps an average of the weights (update_average) and
-    it is the average that is evaluated, sampled and saved. After every full epoch
-    but the last, end_of_epoch logs the NLL of the `monitor` images (x, y) and saves
-    model.pt and out/train_state.pt; resume=True goes on from that file. The loss is
-    summed on the device and read every CHECK_EVERY steps (and before each save):
+    With --ema-decay the average of the weights (update_average) is what is used and
+    saved. After every full epoch but the last, end_of_epoch logs the NLL of the
+    `monitor` images (x, y) and saves model.pt and out/train_state.pt, which resume=True
+    goes on from. The loss is summed on the device and read every CHECK_EVERY steps:
     no host sync per step. Returns (the model to use, steps done, the step it started at)."""
     steps_per_epoch = len(images) // args.batch_size
     if steps_per_epoch == 0:
@@ -603,32 +581,6 @@ def train_step(model, opt, images, labels, levels, precision, lr):
     return loss.detach()
 
 
-def update_average(average, model, decay, step):
-    """Polyak averaging, as in PixelCNN++: w_avg <- w_avg + (1 - d_t) (w - w_avg) with
-    d_t = min(decay, (1 + t) / (10 + t)), so the random start is forgotten early (with a
-    constant 0.999 it would still weigh 0.999^1000 = 37% after 1,000 steps)."""
-    if average is None:
-        return
-    d_t = min(decay, (1 + step) / (10 + step))
-    for w_avg, w in zip(average.parameters(), model.parameters()):
-        w_avg.lerp_(w.detach(), 1 - d_t)
-
-
-def end_of_epoch(model, average, opt, step, epoch, args, device, monitor, out):
-    """Log the monitor NLL (a learning curve), save model.pt and the training state."""
-    use = average or model
-    if monitor is not None:
-        nll = evaluate(use, *monitor, device, show_progress=False)["test_nll_nats"]
-        line = f"epoch {epoch}: {nll:.2f} nats"
-        if average is not None:
-            last = evaluate(model, *monitor, device, show_progress=False)["test_nll_nats"]
-            line += f" (averaged weights; last weights {last:.2f})"
-        print(f"{line} on the first {len(monitor[0]):,} test images", flush=True)
-    if out is not None:
-        save_checkpoint(Path(out) / "model.pt", use.state_dict(), vars(args))
-        save_train_state(Path(out) / "train_state.pt", model, average, opt, step, args, device)
-
-
 # ----------------------------------------------------------------------------- the experiment: evaluation, samples
 
 @torch.no_grad()
@@ -664,16 +616,6 @@ def write_samples(model, num_samples, temperature, seed, device, out):
     atomic_write(out / "samples.npy", lambda f: np.save(f, samples.numpy()))
     write_png(out / "samples.png", image_grid(samples.numpy(), ncol=ncol))
     return samples, labels, seconds
-
-
-def clock(device):
-    """time.time() once the GPU's queued work is done, so GPU work is timed, not queued."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.time()
-
-
-ARCHIVE_NAME = "test_images.pxc"  # what --compress writes into --out
 
 
 # ----------------------------------------------------------------------------- main
@@ -714,9 +656,8 @@ def parse_args(argv):
     p.add_argument("--sample-only", action="store_true",
                    help="skip training: load --ckpt, evaluate and sample (-> eval_metrics.json)")
     p.add_argument("--ckpt", help="checkpoint for --sample-only, --compress, --decompress")
-    p.add_argument("--compress", action="store_true",
-                   help="code the fixed test images with --ckpt into <out>/" + ARCHIVE_NAME
-                   + " (on the CPU)")
+    p.add_argument("--compress", action="store_true", help="code the fixed test images "
+                   f"with --ckpt into <out>/{ARCHIVE_NAME} (on the CPU)")
     p.add_argument("--decompress", metavar="FILE", help="decode an archive with --ckpt")
     p.add_argument("--image-range", type=image_range, metavar="A:B",
                    help="with --decompress: decode images A..B-1 only (whole chunks are decoded)")
@@ -730,49 +671,9 @@ def parse_args(argv):
     return args
 
 
-def check_modes(p, args):
-    """Flags that only make sense together (argparse usage + one line, exit 2)."""
-    if not 2 <= args.levels <= 256:
-        p.error(f"--levels must be between 2 and 256 (got {args.levels})")
-    modes = [m for m in ("sample_only", "compress", "decompress", "resume") if getattr(args, m)]
-    if len(modes) > 1:
-        p.error(" and ".join("--" + m.replace("_", "-") for m in modes) + " do not go together")
-    if modes and modes[0] != "resume" and not args.ckpt:
-        p.error(f"--{modes[0].replace('_', '-')} needs --ckpt PATH")
-    if args.image_range and not args.decompress:
-        p.error("--image-range goes with --decompress")
-    if (args.compress or args.decompress) and args.device == "cuda":
-        p.error("--compress/--decompress run on the CPU: the encoder's and decoder's floats "
-                "must agree bit for bit, which is tested for the CPU kernels only")
-
-
-def image_range(text):
-    """'A:B' -> (A, B) with 0 <= A < B (argparse type)."""
-    try:
-        a, b = (int(v) for v in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected A:B (two integers), got {text!r}") from None
-    if not 0 <= a < b:
-        raise argparse.ArgumentTypeError(f"expected 0 <= A < B, got {text!r}")
-    return a, b
-
-
 def build_model(cfg):
     return GatedPixelCNN(levels=cfg["levels"], channels=cfg["channels"], layers=cfg["layers"],
                          num_classes=0 if cfg["unconditional"] else 10)
-
-
-def load_model(path, device):
-    """(model, config, sha256 of the file) from a checkpoint of this script, or one line."""
-    ckpt = load_checkpoint(path)
-    cfg = checkpoint_config(ckpt, {"levels": int, "channels": int, "layers": int,
-                                   "unconditional": bool}, path)
-    for key, (lo, hi) in {"levels": (2, 256), "channels": (1, 4096), "layers": (1, 256)}.items():
-        if not lo <= cfg[key] <= hi:
-            raise RunError(f"{path}: config {key!r} is {cfg[key]}, outside {lo}..{hi}; "
-                           "the checkpoint is damaged")
-    model = load_weights(build_model(cfg), ckpt["model"], path)
-    return model.to(device), cfg, hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def run(args):
@@ -1283,7 +1184,67 @@ def judge_report(out, device, x_train, y_train, x_test, y_test, samples=None,
 # --- end shared ---
 
 
-# ============================================================================ resuming a stopped run (--resume)
+# ============================================================================ training extras: bf16 autocast, weight averaging, the epoch monitor, a clock
+
+def autocast(device, precision):
+    """bf16 autocast for training where precision == "bf16"; the loss, evaluation,
+    sampling and coding are always float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def update_average(average, model, decay, step):
+    """Polyak averaging, as in PixelCNN++: w_avg <- w_avg + (1 - d_t) (w - w_avg) with
+    d_t = min(decay, (1 + t) / (10 + t)), so the random start is forgotten early (with a
+    constant 0.999 it would still weigh 0.999^1000 = 37% after 1,000 steps)."""
+    if average is None:
+        return
+    d_t = min(decay, (1 + step) / (10 + step))
+    for w_avg, w in zip(average.parameters(), model.parameters()):
+        w_avg.lerp_(w.detach(), 1 - d_t)
+
+
+def end_of_epoch(model, average, opt, step, epoch, args, device, monitor, out):
+    """Log the monitor NLL (a learning curve), save model.pt and the training state."""
+    use = average or model
+    if monitor is not None:
+        nll = evaluate(use, *monitor, device, show_progress=False)["test_nll_nats"]
+        line = f"epoch {epoch}: {nll:.2f} nats"
+        if average is not None:
+            last = evaluate(model, *monitor, device, show_progress=False)["test_nll_nats"]
+            line += f" (averaged weights; last weights {last:.2f})"
+        print(f"{line} on the first {len(monitor[0]):,} test images", flush=True)
+    if out is not None:
+        save_checkpoint(Path(out) / "model.pt", use.state_dict(), vars(args))
+        save_train_state(Path(out) / "train_state.pt", model, average, opt, step, args, device)
+
+
+def clock(device):
+    """time.time() once the GPU's queued work is done, so GPU work is timed, not queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
+# ============================================================================ checkpoints: loading a model, resuming a stopped run (--resume)
+
+# Settings that a resumed run must share with the run it continues: the model's shape,
+# the data order, and the learning-rate and averaging schedules.
+RESUME_MUST_MATCH = ("channels", "layers", "levels", "unconditional", "batch_size", "lr",
+                     "epochs", "steps", "ema_decay", "seed", "precision")
+
+
+def load_model(path, device):
+    """(model, config, sha256 of the file) from a checkpoint of this script, or one line."""
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(ckpt, {"levels": int, "channels": int, "layers": int,
+                                   "unconditional": bool}, path)
+    for key, (lo, hi) in {"levels": (2, 256), "channels": (1, 4096), "layers": (1, 256)}.items():
+        if not lo <= cfg[key] <= hi:
+            raise RunError(f"{path}: config {key!r} is {cfg[key]}, outside {lo}..{hi}; "
+                           "the checkpoint is damaged")
+    model = load_weights(build_model(cfg), ckpt["model"], path)
+    return model.to(device), cfg, hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
 
 def save_train_state(path, model, average, opt, step, args, device):
     state = {"script": SCRIPT, "config": vars(args), "step": step,
@@ -1324,6 +1285,35 @@ def load_train_state(path, model, average, opt, args, device):
     return state["step"]
 
 
+# ============================================================================ command line: flags that go together, --image-range
+
+def check_modes(p, args):
+    """Flags that only make sense together (argparse usage + one line, exit 2)."""
+    if not 2 <= args.levels <= 256:
+        p.error(f"--levels must be between 2 and 256 (got {args.levels})")
+    modes = [m for m in ("sample_only", "compress", "decompress", "resume") if getattr(args, m)]
+    if len(modes) > 1:
+        p.error(" and ".join("--" + m.replace("_", "-") for m in modes) + " do not go together")
+    if modes and modes[0] != "resume" and not args.ckpt:
+        p.error(f"--{modes[0].replace('_', '-')} needs --ckpt PATH")
+    if args.image_range and not args.decompress:
+        p.error("--image-range goes with --decompress")
+    if (args.compress or args.decompress) and args.device == "cuda":
+        p.error("--compress/--decompress run on the CPU: the encoder's and decoder's floats "
+                "must agree bit for bit, which is tested for the CPU kernels only")
+
+
+def image_range(text):
+    """'A:B' -> (A, B) with 0 <= A < B (argparse type)."""
+    try:
+        a, b = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A:B (two integers), got {text!r}") from None
+    if not 0 <= a < b:
+        raise argparse.ArgumentTypeError(f"expected 0 <= A < B, got {text!r}")
+    return a, b
+
+
 # ============================================================================ the archive: --compress and --decompress
 #
 #   "PXCA" | version (1 byte) | header length (4 bytes) | header (JSON) | CRC32 of all before (4)
@@ -1332,6 +1322,7 @@ def load_train_state(path, model, average, opt, args, device):
 # the image size and count, and per chunk its length and the CRC32 of its images and
 # labels, checked after decoding. Every header value is checked before it is used.
 
+ARCHIVE_NAME = "test_images.pxc"  # what --compress writes into --out
 ARCHIVE_MAGIC, ARCHIVE_VERSION = b"PXCA", 1
 MAX_IMAGES, MAX_CHUNK, MAX_HEADER, MAX_ARCHIVE = 100_000, 10_000, 1 << 22, 1 << 30
 HEADER_FIELDS = {"checkpoint_sha256": str, "levels": int, "height": int, "width": int,
@@ -1391,6 +1382,15 @@ def coding_metrics(archive_bytes, header_bytes, nll_nats, measure, n, streams, l
             "quantised_bits_per_image": measure["quantised_bits"] / n,
             "overhead_bits_per_image": coded - nll_bits - label_bits,
             "overhead_bound_bits_per_image": bound}
+
+
+def coding_bound_bits(pixels, streams, levels, labels=0):
+    """How far the coded payload may exceed the exact -log2 p of its pixels (plus
+    log2 10 per label): per pixel, rounding p to f / 2^k costs at most -log2(1 - L / 2^k)
+    (f >= p (2^k - L)); per symbol, the coder's integer interval at most
+    -log2(1 - total / 2^30) (state_bits 32); per stream, 2 bits to finish and 7 of padding."""
+    slack = -math.log2(1 - 2 ** CODER_K / 2 ** 30) * pixels - math.log2(1 - 10 / 2 ** 30) * labels
+    return -math.log2(1 - levels / 2 ** CODER_K) * pixels + slack + 9 * streams
 
 
 def decompress(args, out):
