@@ -235,15 +235,11 @@ class Tokenizer(nn.Module):
 
     def to_index(self, codes):
         """Codes (..., d) -> tokens (...)."""
-        if self.levels is None:
-            return code_to_index(codes)
-        return fsq_code_to_index(codes, self.fsq_levels)
+        return code_to_index(codes) if self.levels is None else fsq_code_to_index(codes, self.fsq_levels)
 
     def to_code(self, tokens):
         """Tokens (...) -> codes (..., d)."""
-        if self.levels is None:
-            return index_to_code(tokens, self.dim)
-        return fsq_index_to_code(tokens, self.fsq_levels)
+        return index_to_code(tokens, self.dim) if self.levels is None else fsq_index_to_code(tokens, self.fsq_levels)
 
     def forward(self, x):
         z_e = self.encoder(x)                  # (B, d, h, w)
@@ -549,36 +545,17 @@ def evaluate_prior(prior, tokens, labels, device, batch_size=1000):
 
 
 @torch.no_grad()
-def write_outputs(model, prior, x_test, args, device, out):
-    """recon.png; with a prior samples.png and samples.npy. Returns (samples, labels, recons)
-    for the judge: N = --num-samples of each (recons of the first N test digits)."""
-    model.eval()
-    x = x_test[:args.num_samples]
-    recons = torch.cat([model(x[i:i + 1000].to(device))[0].clamp(0, 1).cpu()
-                        for i in range(0, len(x), 1000)])
-    # recon.png: rows of up to 16 test digits, each row followed by its reconstruction.
-    ncol = min(16, len(x_test))
-    x = x_test[:64 // ncol * ncol]
-    x_hat = model(x.to(device))[0].clamp(0, 1).cpu()
-    rows = torch.stack([x.view(-1, ncol, 1, 28, 28), x_hat.view(-1, ncol, 1, 28, 28)], 1)
-    write_png(out / "recon.png", image_grid(rows.reshape(-1, 1, 28, 28), ncol=ncol))
-    if prior is None:
-        return None, None, recons
-    # samples.png: column j holds digits of class j (labels 0..9 repeated).
-    labels = torch.arange(args.num_samples, device=device) % NUM_CLASSES
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+def draw_samples(model, prior, n, temperature, top_k, seed, device):
+    """n images (n, 1, 28, 28) in [0, 1] decoded from sampled tokens, and their labels (n,):
+    labels 0..9 repeated, so column j of a 10-wide grid holds digits of class j."""
+    labels = torch.arange(n, device=device) % NUM_CLASSES
+    gen = torch.Generator(device=device).manual_seed(seed)
     print(f"sampling {len(labels)} x {prior.seq_len} tokens", flush=True)
-    tokens = sample_tokens(prior, labels, args.temperature, args.top_k, generator=gen)  # (N, T)
-    samples = model.decode_tokens(tokens.view(-1, 7, 7)).cpu()
-    atomic_write(out / "samples.npy", lambda f: np.save(f, samples.numpy()))  # (N, 1, 28, 28) in [0, 1]
-    write_png(out / "samples.png", image_grid(samples, ncol=min(args.num_samples, 10)))
-    return samples, labels.cpu(), recons
+    tokens = sample_tokens(prior, labels, temperature, top_k, generator=gen)  # (n, T)
+    return model.decode_tokens(tokens.view(-1, 7, 7)).cpu(), labels.cpu()
 
 
 # ============================================================ main
-
-RENAMED = {"--commit-weight": "--beta", "--prior-dim": "--prior-width"}
-
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -630,30 +607,15 @@ def build_parser():
 
 def parse_args(argv=None):
     p = build_parser()
-    reject_renamed(p, argv, RENAMED)
-    if any(str(a).split("=")[0] == "--codebook-size" for a in (sys.argv[1:] if argv is None else argv)):
-        p.error("LFQ's codebook is the 2^d corners of the cube: set d with --bits "
-                "(--bits 10 = 1,024 codes; FSQ: --levels)")
+    reject_old_flags(p, argv)
     args = p.parse_args(argv)
     check_flags(p, args, positive=("epochs", "batch_size", "lr", "prior_lr", "tau", "temperature",
                                    "num_samples"),
                 nonnegative=("prior_epochs", "steps", "test_limit", "top_k", "beta",
                              "entropy_weight", "gamma", "seed"))
-    if args.seed >= 2 ** 32:
-        p.error(f"--seed must be < 2^32 (got {args.seed})")
-    if args.num_samples < 2 or 0 < args.test_limit < 4:  # the judge's Frechet distance needs N >= 2
-        p.error("--num-samples must be at least 2, and --test-limit 0 (all) or at least 4")
-    if args.sample_only != bool(args.ckpt):
-        p.error("--sample-only and --ckpt PATH go together")
-    problem = config_problem(vars(args))
+    problem = flag_problem(args)  # ranges and combinations the table cannot express
     if problem:
         p.error(problem)
-    if args.entropy == "exact" and args.bits > EXACT_ENTROPY_MAX_BITS:
-        p.error(f"--entropy exact builds a 2^d table of the batch's assignment; use groups "
-                f"for d > {EXACT_ENTROPY_MAX_BITS}")
-    if args.top_k and args.quantizer == "lfq" and args.bits > FULL_SOFTMAX_MAX_BITS:
-        p.error(f"--top-k needs the prior's softmax head (d <= {FULL_SOFTMAX_MAX_BITS}); "
-                "above, tokens are sampled bit by bit")
     return args
 
 
@@ -676,10 +638,7 @@ def run(args):
     x_train, y_train = mnist_tensors(args.data_dir, "train")
     steps, train_seconds = [0, 0], 0.0
     if args.sample_only:
-        model, prior = load_models(args.ckpt, device)
-        if args.top_k and prior is not None and prior.head_kind == "bits":
-            raise RunError(f"--top-k needs a softmax head; {args.ckpt} samples its {model.dim} "
-                           "bits one by one")
+        model, prior = load_models(args.ckpt, device, args.top_k)
     else:
         if args.batch_size > len(x_train):
             raise RunError(f"--batch-size {args.batch_size} is larger than the training set "
@@ -693,10 +652,7 @@ def run(args):
         if device.type == "cuda":
             torch.cuda.synchronize()  # GPU work is asynchronous: time it once it is done
         train_seconds = time.time() - start
-        state = {"tokenizer": model.state_dict()}
-        if prior is not None:
-            state["prior"] = prior.state_dict()
-        save_checkpoint(out / "model.pt", state, vars(args))
+        save_models(out / "model.pt", model, prior, vars(args))
     metrics, test_tokens = evaluate_tokenizer(model, x_test, device)
     if prior is not None:
         metrics["test_prior_nll_bits"] = evaluate_prior(prior, test_tokens.flatten(1), y_test, device)
@@ -1143,7 +1099,38 @@ def judge_report(out, device, x_train, y_train, x_test, y_test, samples=None,
 # --- end shared ---
 
 
-# ============================================================ checking flags and checkpoints (lfq's own)
+# ============================================================ checking flags and configurations (lfq's own)
+
+RENAMED = {"--commit-weight": "--beta", "--prior-dim": "--prior-width"}
+
+
+def reject_old_flags(parser, argv):
+    """Old spellings fail in one line naming the new one; --codebook-size points to --bits."""
+    reject_renamed(parser, argv, RENAMED)
+    if any(str(a).split("=")[0] == "--codebook-size" for a in (sys.argv[1:] if argv is None else argv)):
+        parser.error("LFQ's codebook is the 2^d corners of the cube: set d with --bits "
+                     "(--bits 10 = 1,024 codes; FSQ: --levels)")
+
+
+def flag_problem(args):
+    """What is wrong with the flags beyond check_flags' table, or None (checked in this order)."""
+    if args.seed >= 2 ** 32:
+        return f"--seed must be < 2^32 (got {args.seed})"
+    if args.num_samples < 2 or 0 < args.test_limit < 4:  # the judge's Frechet distance needs N >= 2
+        return "--num-samples must be at least 2, and --test-limit 0 (all) or at least 4"
+    if args.sample_only != bool(args.ckpt):
+        return "--sample-only and --ckpt PATH go together"
+    problem = config_problem(vars(args))
+    if problem:
+        return problem
+    if args.entropy == "exact" and args.bits > EXACT_ENTROPY_MAX_BITS:
+        return (f"--entropy exact builds a 2^d table of the batch's assignment; use groups "
+                f"for d > {EXACT_ENTROPY_MAX_BITS}")
+    if args.top_k and args.quantizer == "lfq" and args.bits > FULL_SOFTMAX_MAX_BITS:
+        return (f"--top-k needs the prior's softmax head (d <= {FULL_SOFTMAX_MAX_BITS}); "
+                "above, tokens are sampled bit by bit")
+    return None
+
 
 # Model sizes a flag or a checkpoint may ask for: (lowest, highest).
 MODEL_RANGES = {"bits": (1, 24), "width": (2, 1024), "prior_width": (1, 4096),
@@ -1191,12 +1178,23 @@ def config_problem(cfg):
     return None
 
 
+# ============================================================ saving and loading checkpoints (lfq's own)
+
 CONFIG_TYPES = {"bits": int, "width": int, "quantizer": str, "prior_epochs": int,
                 "prior_width": int, "prior_layers": int, "prior_heads": int}
 
 
-def load_models(path, device):
-    """Tokenizer and prior (or None) from a checkpoint, or one line saying what is wrong."""
+def save_models(path, model, prior, config):
+    """model.pt with the tokenizer's weights and, when there is one, the prior's."""
+    state = {"tokenizer": model.state_dict()}
+    if prior is not None:
+        state["prior"] = prior.state_dict()
+    save_checkpoint(path, state, config)
+
+
+def load_models(path, device, top_k=0):
+    """Tokenizer and prior (or None) from a checkpoint, or one line saying what is wrong
+    (also when --top-k asks for a softmax head the checkpoint's prior does not have)."""
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(ckpt, CONFIG_TYPES, path)
     if cfg.get("levels") is not None and not isinstance(cfg["levels"], str):
@@ -1211,7 +1209,35 @@ def load_models(path, device):
     load_weights(model, ckpt["model"].get("tokenizer"), path)
     if with_prior:
         load_weights(prior, ckpt["model"]["prior"], path)
+    if top_k and prior is not None and prior.head_kind == "bits":
+        raise RunError(f"--top-k needs a softmax head; {path} samples its {model.dim} "
+                       "bits one by one")
     return model, prior
+
+
+# ============================================================ writing the outputs (lfq's own)
+
+@torch.no_grad()
+def write_outputs(model, prior, x_test, args, device, out):
+    """recon.png; with a prior samples.png and samples.npy. Returns (samples, labels, recons)
+    for the judge: N = --num-samples of each (recons of the first N test digits)."""
+    model.eval()
+    x = x_test[:args.num_samples]
+    recons = torch.cat([model(x[i:i + 1000].to(device))[0].clamp(0, 1).cpu()
+                        for i in range(0, len(x), 1000)])
+    # recon.png: rows of up to 16 test digits, each row followed by its reconstruction.
+    ncol = min(16, len(x_test))
+    x = x_test[:64 // ncol * ncol]
+    x_hat = model(x.to(device))[0].clamp(0, 1).cpu()
+    rows = torch.stack([x.view(-1, ncol, 1, 28, 28), x_hat.view(-1, ncol, 1, 28, 28)], 1)
+    write_png(out / "recon.png", image_grid(rows.reshape(-1, 1, 28, 28), ncol=ncol))
+    if prior is None:
+        return None, None, recons
+    samples, labels = draw_samples(model, prior, args.num_samples, args.temperature, args.top_k,
+                                   args.seed, device)
+    atomic_write(out / "samples.npy", lambda f: np.save(f, samples.numpy()))  # (N, 1, 28, 28) in [0, 1]
+    write_png(out / "samples.png", image_grid(samples, ncol=min(args.num_samples, 10)))
+    return samples, labels, recons
 
 
 if __name__ == "__main__":
