@@ -552,3 +552,19 @@ def test_bad_files_and_states_give_one_line_errors(tmp_path, tiny_mnist_dir):
     big = ["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path / "big"), "--batch-size", "65"]
     assert "larger than the training set" in one_line_error(big)
     assert list((tmp_path / "big").iterdir()) == []
+
+
+def test_sample_only_top_k_is_refused_for_a_per_bit_head(tmp_path, tiny_mnist_dir):
+    """Above 2^12 codes the prior samples bit by bit, so --top-k over codes has no meaning:
+    --sample-only --top-k on such a checkpoint is refused in one line, nothing written.
+    Catches the refusal dropped from load_models (top-k silently ignored)."""
+    args = lfq.parse_args(["--bits", "13"] + SMALL)
+    model, prior = lfq.build(vars(args), "cpu", True)
+    assert prior.head_kind == "bits"
+    ckpt = tmp_path / "bits13.pt"
+    lfq.save_checkpoint(ckpt, {"tokenizer": model.state_dict(), "prior": prior.state_dict()}, vars(args))
+    data = ["--data-dir", str(tiny_mnist_dir), "--test-limit", "16", "--num-samples", "4"]
+    out = tmp_path / "out"
+    argv = ["--sample-only", "--ckpt", str(ckpt), "--out", str(out)] + data
+    assert "--top-k needs a softmax head" in one_line_error(argv + ["--top-k", "5"])
+    assert not (out / "eval_metrics.json").exists()
