@@ -458,16 +458,24 @@ def encode_chunk(model, x, labels, measure=None):
 @torch.no_grad()
 def decode_chunk(model, payload, n, size, conditional):
     """Inverse of encode_chunk -> images (n, 1, H, W) and labels (n,) or None, decoded
-    one pixel at a time exactly as the sampler draws: x_t from the pixels before it."""
+    one pixel at a time: x_t from the pixels before it (the rest zero)."""
     model.eval()
     dec = ArithmeticDecoder(payload)
     labels = torch.tensor([dec.decode_symbol(LABEL_CUM) for _ in range(n)]) if conditional else None
     x = torch.zeros(n, 1, *size, dtype=torch.long)                # (B, 1, H, W), filled in order
     for i in range(size[0]):
         for j in range(size[1]):
-            _, cum = pixel_cum(row_logits(model, x, labels, i)[:, :, j])
+            _, cum = pixel_cum(pixel_logits(model, x, labels, i, j))
             x[:, 0, i, j] = torch.tensor([dec.decode_symbol(c) for c in cum.tolist()])
     return x, labels
+
+
+def pixel_logits(model, x, labels, i, j):
+    """Logits (B, L) of pixel (i, j) from a pass over whole, partly decoded images: the
+    same input shape as the encoder's one pass, so the same kernels and the same rounding.
+    A crop of rows (row_logits, fine for sampling) can change the kernels' summation order
+    and move a logit by 1e-6, enough to pick other integer frequencies."""
+    return model(to_input(x, model.levels), labels)[:, :, i, j]
 
 
 # ----------------------------------------------------------------------------- the experiment: data

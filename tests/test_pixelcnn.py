@@ -274,25 +274,39 @@ def test_coder_round_trip_is_bit_exact_and_within_its_bound(case):
     assert bits >= measure["quantised_bits"] + label_bits - 8  # no symbol left out
 
 
+def encoder_vs_decoder_logits(model, x, labels, pixels):
+    with torch.no_grad():
+        full = model(P.to_input(x, 2), labels)                       # the encoder's
+        for i, j in pixels:
+            partial = x.clone()
+            partial[:, :, i, j:] = 0
+            partial[:, :, i + 1:] = 0
+            decoder = P.pixel_logits(model, partial, labels, i, j)   # the decoder's
+            assert torch.equal(decoder, full[:, :, i, j]), (i, j)
+
+
 def test_one_pass_encoder_logits_equal_the_decoders_bit_for_bit_on_the_real_kernels():
     """The encoder reads every pixel's logits from one pass over whole images; the
-    decoder computes pixel (i, j) from a crop of the rows that reach row i, decoded up
-    to pixel j (the rest zero), at the same batch shape. With the default model's
-    kernels the two must be equal bit for bit, or the frequencies would differ.
-    Catches a future pixel leaking into the logits (mask A keeping the centre)."""
+    decoder computes pixel (i, j) from whole images decoded up to pixel j (the rest
+    zero), at the same batch shape. On the default model's kernels the two must be
+    equal bit for bit, or the frequencies would differ. Catches a future pixel leaking
+    into the logits (mask A keeping the centre)."""
     model = labelled(P.build_model({"levels": 2, "channels": 32, "layers": 8,
                                     "unconditional": False})).eval()
     x = torch.randint(0, 2, (3, 1, 28, 28))
-    labels = torch.tensor([2, 7, 7])
-    with torch.no_grad():
-        full = model(P.to_input(x, 2), labels)                       # the encoder's
-        for i in range(28):
-            for j in range(28):
-                partial = x.clone()
-                partial[:, :, i, j:] = 0
-                partial[:, :, i + 1:] = 0
-                decoder = P.row_logits(model, partial, labels, i)[:, :, j]
-                assert torch.equal(decoder, full[:, :, i, j]), (i, j)
+    encoder_vs_decoder_logits(model, x, torch.tensor([2, 7, 7]),
+                              [(i, j) for i in range(28) for j in range(28)])
+
+
+def test_decoder_logits_match_the_encoders_for_a_wider_model_and_a_full_chunk():
+    """48 channels, 12 layers, a chunk of 100 images: here a decoder that crops the rows
+    above (row_logits) moves logits by about 1e-6 against the one-pass encoder (the
+    kernels sum in another order for another input height), and the archive fails its
+    checksum. Catches decode_chunk computing logits from a crop."""
+    torch.manual_seed(0)
+    model = P.build_model({"levels": 2, "channels": 48, "layers": 12, "unconditional": True}).eval()
+    x = torch.randint(0, 2, (100, 1, 28, 28))
+    encoder_vs_decoder_logits(model, x, None, [(10, 14), (14, 10), (20, 20), (27, 27), (27, 3)])
 
 
 def test_coded_labels_are_counted_and_the_unconditional_stream_holds_none():
