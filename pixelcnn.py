@@ -17,7 +17,7 @@ test set binarised once with a fixed seed; training binarises afresh every batch
 
 Generation = compression: an arithmetic coder driven by p(x_t | x_<t) writes an image
 in about -log2 p(x) bits. --compress codes the test images into an archive;
---decompress decodes it, pixel by pixel as the sampler draws, and checks every bit.
+--decompress decodes it, pixel by pixel, and checks every bit.
 
 Papers: van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders" and
 "Pixel Recurrent Neural Networks" (81.30 nats); Witten, Neal & Cleary 1987 (arithmetic coding).
@@ -175,8 +175,8 @@ def row_logits(model, x, labels, i):
 
     Rows below i are not looked at, and the output at row i sees at most
     `rows_above` rows up, so a crop of those rows gives the full image's logits
-    at a fraction of the cost. The sampler and the decoder call this once per
-    pixel on a partly filled row."""
+    at the same values up to rounding, at a fraction of the cost. The sampler calls
+    this once per pixel on a partly filled row."""
     top = max(0, i - model.rows_above)
     return model(to_input(x[:, :, top:i + 1], model.levels), labels)[:, :, -1]
 
@@ -215,10 +215,10 @@ def sample(model, labels, size=(28, 28), temperature=1.0, seed=0, verbose=True,
 # Arithmetic coding turns p(x_t | x_<t) into a code of about -log2 p(x) bits. The
 # decoder must compute exactly the encoder's integer frequencies, so both get them
 # from the same floats. The encoder takes all logits from one pass over whole
-# images, the decoder pixel by pixel from row_logits on the partly decoded images
-# (future pixels zero), at the same batch shape: the future pixels only ever meet
-# weights that are exactly zero, and a test checks on the real kernels that the
-# logits agree bit for bit. Then the same float64 softmax, the same integer rounding.
+# images, the decoder pixel by pixel from whole, partly decoded images (future pixels
+# zero), at the same input shape: the future pixels only ever meet weights that are
+# exactly zero, and tests check on the real kernels that the logits agree bit for bit.
+# Then the same float64 softmax, the same integer rounding.
 
 # --- shared: arithmetic coder ---
 # Integer arithmetic coding (Witten, Neal & Cleary 1987) with a `state_bits`-bit
