@@ -9,7 +9,7 @@ codebook is the 2^d corners of the cube, with no parameters at all:
     z_q = sign(z_e) in {-1, +1}^d      # straight-through: dz_q/dz_e := identity
     x_hat = decoder(z_q),   token = sum_i 2^i [z_e,i > 0]   (bit 0 = channel 0, sign(0) = -1)
 
-Stage one minimises (lfq_loss returns each term separately)
+Stage one minimises (Tokenizer.forward returns each term separately)
 
     L = ||x - x_hat||^2 + beta ||z_e - sg[z_q]||^2 + lambda (E[H(p(.|z_e))] - gamma H(E[p(.|z_e)]))
     p(c|z_e) = softmax_c(-||z_e - c||^2 / tau)   over all 2^d codes c.
@@ -20,31 +20,19 @@ factorises over bits, so the batch average over 2^d codes is one product of two
 half-tables: exact up to d = 20; above, a sum over groups of <= 8 bits (an upper bound).
 `--quantizer fsq` swaps in the sibling, finite scalar quantisation: each channel is
 bounded by tanh and rounded to one of L_i levels, with no entropy or commitment term.
-Stage two is a class-conditional causal transformer over the T = h*w tokens,
-p(tokens | y) = prod_t p(token_t | token_<t, y), which reads each token from its bits.
-
-Shapes: B batch, d bits per token (channels of z_e), h w token grid (7 x 7), T = h*w, K = 2^d.
+Stage two, a causal transformer over the T = h*w tokens (each read from its code), fits
+p(tokens | y) = prod_t p(token_t | token_<t, y), y the class (unlabelled data: one class).
 
 Papers: Yu et al. 2024, "Language Model Beats Diffusion -- Tokenizer is Key to Visual
 Generation" (MAGVIT-v2, LFQ); Mentzer et al. 2023, "Finite Scalar Quantization".
-Run:  python lfq.py                            (d = 10, 1,024 codes; 8 min on 2 CPU cores)
-      python lfq.py --quantizer fsq --out runs/fsq                      (FSQ, 1,000 codes)
-      python lfq.py --sample-only --ckpt runs/lfq/model.pt --num-samples 500 --out runs/lfq_n500
+Run: python lfq.py [--quantizer fsq] [--data my_images.npy]  (8 min on 2 CPU cores), then
+     python lfq.py --sample-only --ckpt runs/lfq/model.pt --num-samples 500
 Default run: runs/lfq/: test MSE 0.0095, all 1,024 codes used, prior 81.2 bits per test image.
+Shapes: B batch, C H W image (H, W multiples of 4), d bits per token (channels of z_e),
+h w = H/4 W/4 token grid, T = h*w, K = 2^d codes.
 """
 
-import argparse
-import gzip
-import hashlib
-import json
-import math
-import os
-import random
-import struct
-import sys
-import time
-import urllib.request
-import zlib
+import argparse, gzip, json, math, os, random, struct, sys, time, zlib  # the appendix needs gzip..zlib
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 SCRIPT = "lfq"
-HERE = Path(__file__).resolve().parent
-NUM_CLASSES = 10
+DOWNSAMPLE = 4               # two stride-2 convolutions: tokens h, w = H/4, W/4
 EXACT_ENTROPY_MAX_BITS = 20  # L_ent: exact batch entropy over all 2^d codes up to here
 GROUP_MAX_BITS = 8           # above: exact within groups of at most this many bits
 FULL_SOFTMAX_MAX_BITS = 12   # prior: softmax over 2^d codes up to here, d Bernoulli bits above
@@ -184,12 +171,7 @@ def entropy_terms(z, tau, groups):
     group of d bits, loosest for d groups of one bit.
     Returns (E_z[H(p(.|z))], H(E_z[p(.|z)]) summed over groups)."""
     n, d = z.shape
-    if isinstance(groups, int):
-        if d % groups:
-            raise ValueError(f"groups of {groups} bits do not divide d = {d}")
-        groups = (groups,) * (d // groups)
-    if sum(groups) != d:
-        raise ValueError(f"group sizes {groups} do not add up to d = {d}")
+    groups = (groups,) * (d // groups) if isinstance(groups, int) else groups
     l = 4 * z / tau                                                          # (N, d)
     per_sample = (F.softplus(l) - l * torch.sigmoid(l)).sum(1).mean()       # E[H(p(.|z))]
     starts = np.cumsum((0,) + tuple(groups[:-1]))
@@ -200,12 +182,13 @@ def entropy_terms(z, tau, groups):
 # ============================================================ the tokenizer and its objective
 
 class Tokenizer(nn.Module):
-    """Conv encoder 28 -> 14 -> 7 to z_e (B, d, 7, 7), LFQ (or FSQ), the mirror decoder.
+    """Conv encoder H x W -> H/2 x W/2 -> h x w = H/4 x W/4 to z_e (B, d, h, w), LFQ (or
+    FSQ), the mirror decoder, for images of C channels.
 
     levels=None: LFQ, d = bits sign bits, 2^d codes. levels=(L_1, ..): FSQ, d = len(levels)
     channels, prod L_i codes."""
 
-    def __init__(self, bits=10, width=64, levels=None):
+    def __init__(self, bits=10, width=64, levels=None, channels=1):
         super().__init__()
         c1, c2 = width // 2, width
         self.levels = tuple(levels) if levels else None
@@ -215,16 +198,16 @@ class Tokenizer(nn.Module):
             self.register_buffer("fsq_levels", torch.tensor(self.levels), persistent=False)
         d = self.dim
         self.encoder = nn.Sequential(
-            nn.Conv2d(1, c1, 4, 2, 1), nn.ReLU(),               # (B, c1, 14, 14)
-            nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU(),              # (B, c2, 7, 7)
+            nn.Conv2d(channels, c1, 4, 2, 1), nn.ReLU(),        # (B, c1, H/2, W/2)
+            nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU(),              # (B, c2, h, w)
             nn.Conv2d(c2, c2, 3, 1, 1), nn.ReLU(),
-            nn.Conv2d(c2, d, 1),                                # (B, d, 7, 7) = z_e
+            nn.Conv2d(c2, d, 1),                                # (B, d, h, w) = z_e
         )
         self.decoder = nn.Sequential(
-            nn.Conv2d(d, c2, 3, 1, 1), nn.ReLU(),               # (B, c2, 7, 7)
+            nn.Conv2d(d, c2, 3, 1, 1), nn.ReLU(),               # (B, c2, h, w)
             nn.Conv2d(c2, c2, 3, 1, 1), nn.ReLU(),
-            nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(),     # (B, c1, 14, 14)
-            nn.ConvTranspose2d(c1, 1, 4, 2, 1),                 # (B, 1, 28, 28)
+            nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(),     # (B, c1, H/2, W/2)
+            nn.ConvTranspose2d(c1, channels, 4, 2, 1),          # (B, C, H, W)
         )
         # Linear output, clamped to [0, 1] only when shown or scored: a sigmoid
         # would flatten the MSE gradient on the many pure-black pixels.
@@ -241,10 +224,23 @@ class Tokenizer(nn.Module):
         """Tokens (...) -> codes (..., d)."""
         return index_to_code(tokens, self.dim) if self.levels is None else fsq_index_to_code(tokens, self.fsq_levels)
 
-    def forward(self, x):
+    def forward(self, x, tau=1.0, groups=None):
+        """x (B, C, H, W) -> (x_hat (B, C, H, W), every term of the stage-one loss), as means
+        so their scales do not depend on B (stage_one_loss weighs them into L):
+            recon  = mean (x_hat - x)^2 per pixel (FSQ's only term)
+            commit = mean (z_e - sg[z_q])^2 per latent dimension
+            per_sample, batch = E[H(p(.|z_e))], H(E[p(.|z_e)]) in nats per token
+        groups: the batch entropy's groups of bits (entropy_terms; None: the default form)."""
         z_e = self.encoder(x)                  # (B, d, h, w)
         z_q = self.quantize(z_e)               # (B, d, h, w), exactly +-1 for LFQ
-        return self.decoder(z_q), z_e, z_q
+        x_hat = self.decoder(z_q)
+        terms = {"recon": (x_hat - x).pow(2).mean()}
+        if self.levels is None:  # LFQ; FSQ has no entropy or commitment term
+            terms["commit"] = (z_e - z_q.detach()).pow(2).mean()
+            z_flat = z_e.permute(0, 2, 3, 1).reshape(-1, self.dim)  # (B*h*w, d): one row per token
+            groups = groups or entropy_group_bits(self.dim)
+            terms["per_sample"], terms["batch"] = entropy_terms(z_flat, tau, groups)
+        return x_hat, terms
 
     def encode(self, x):
         """Tokens (B, h, w) of images x."""
@@ -256,31 +252,13 @@ class Tokenizer(nn.Module):
         return self.decoder(z_q).clamp(0, 1)
 
 
-def lfq_loss(x_hat, x, z_e, z_q, tau=1.0, gamma=1.0, groups=None):
-    """Every term of the stage-one loss, separately (means, so scales do not depend on B).
-
-    recon  = mean (x_hat - x)^2 per pixel
-    commit = mean (z_e - sg[z_q])^2 per latent dimension
-    per_sample, batch = E[H(p(.|z_e))], H(E[p(.|z_e)]) in nats per token
-    entropy = per_sample - gamma * batch        (groups: see entropy_terms; None = exact)"""
-    d = z_e.shape[1]
-    z_flat = z_e.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, d): one row per token
-    per_sample, batch = entropy_terms(z_flat, tau, groups or d)
-    return {"recon": (x_hat - x).pow(2).mean(),
-            "commit": (z_e - z_q.detach()).pow(2).mean(),
-            "per_sample": per_sample, "batch": batch,
-            "entropy": per_sample - gamma * batch}
-
-
-def stage_one_loss(model, x, beta, entropy_weight, tau, gamma, groups):
-    """The loss to minimise and its logged terms: LFQ's full objective, FSQ's recon alone."""
-    x_hat, z_e, z_q = model(x)
-    if model.levels is not None:  # FSQ: the reconstruction is the whole loss
-        recon = (x_hat - x).pow(2).mean()
-        return recon, {"recon": recon}
-    t = lfq_loss(x_hat, x, z_e, z_q, tau, gamma, groups)
-    loss = t["recon"] + beta * t["commit"] + entropy_weight * t["entropy"]
-    return loss, {k: t[k] for k in ("recon", "commit", "per_sample", "batch")}
+def stage_one_loss(terms, beta=0.25, entropy_weight=1.0, gamma=1.0):
+    """L = recon + beta commit + lambda (per_sample - gamma batch) from forward's terms;
+    FSQ's terms hold the reconstruction alone, which is then the whole loss."""
+    if "commit" not in terms:
+        return terms["recon"]
+    entropy = terms["per_sample"] - gamma * terms["batch"]  # low: sure per token, spread per batch
+    return terms["recon"] + beta * terms["commit"] + entropy_weight * entropy
 
 
 # ============================================================ the token prior
@@ -447,225 +425,256 @@ def cosine_lr(step, total, warmup=0):
 
 # ============================================================ the experiment
 
-CHECK_EVERY = 50  # read the loss (a host-device sync on a GPU) every this many steps
-
-
-def mnist_tensors(data_dir, split, limit=0):
-    """Images as float (N, 1, 28, 28) in [0, 1], and labels (N,); the first `limit` (0: all)."""
-    images, labels = load_mnist(data_dir, split)
-    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
-    return x[:limit or None], torch.from_numpy(labels)[:limit or None]
-
-
-def total_steps(n, batch_size, epochs, steps):
-    """Optimizer steps of a stage: `epochs` passes over n examples, capped at `steps` (0: no cap)."""
-    total = epochs * (n // batch_size)
-    return min(total, steps) if steps else total
-
-
 def train_tokenizer(model, x_train, args, device):
     """Stage one: Adam on the stage-one loss, cosine learning rate. Returns the steps taken."""
+    total = min(args.epochs * (len(x_train) // args.batch_size), args.steps or math.inf)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    total = total_steps(len(x_train), args.batch_size, args.epochs, args.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total))
-    groups = entropy_group_bits(model.dim, args.entropy)
-    progress = Progress(total, label="stage 1")
+    groups, progress = entropy_group_bits(model.dim, args.entropy), Progress(total, label="stage 1")
     model.train()
     for step, idx in enumerate(batches(len(x_train), args.batch_size, total), 1):
-        xb = x_train[idx].to(device)
-        loss, terms = stage_one_loss(model, xb, args.beta, args.entropy_weight, args.tau,
-                                     args.gamma, groups)
+        _, terms = model(x_train[idx].to(device), args.tau, groups)
+        loss = stage_one_loss(terms, args.beta, args.entropy_weight, args.gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        if step % CHECK_EVERY == 0 or step == total:  # a NaN is caught within CHECK_EVERY steps
-            check_finite(step, loss=loss)
-        progress.update(step, len(xb), **{k: v.detach() for k, v in terms.items()})
+        progress(step, len(idx), **{k: v.detach() for k, v in terms.items()})
     return total
 
 
-def train_prior(prior, tokens, labels, args, device):
-    """Stage two: AdamW on the prior's NLL of the training tokens (N, T), cosine learning rate."""
+def train_prior(prior, model, x_train, labels, args, device):
+    """Stage two: AdamW on the prior's NLL of the training images' tokens, cosine learning
+    rate. The trained tokenizer encodes each batch as it comes (a few per cent of a step's
+    work), so a short run tokenises only the images it sees. Returns the steps taken."""
+    total = min(args.prior_epochs * (len(x_train) // args.batch_size), args.steps or math.inf)
     opt = torch.optim.AdamW(prior.parameters(), lr=args.prior_lr, weight_decay=0.01)
-    total = total_steps(len(tokens), args.batch_size, args.prior_epochs, args.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total))
     progress = Progress(total, label="stage 2")
+    model.eval()
     prior.train()
-    for step, idx in enumerate(batches(len(tokens), args.batch_size, total), 1):
-        nll = prior_nll(prior, tokens[idx].to(device), labels[idx].to(device))  # nats per token
+    for step, idx in enumerate(batches(len(x_train), args.batch_size, total), 1):
+        with torch.no_grad():
+            tokens = model.encode(x_train[idx].to(device)).flatten(1)             # (B, T)
+        nll = prior_nll(prior, tokens, labels[idx].to(device))                  # nats per token
         opt.zero_grad(set_to_none=True)
         nll.backward()
         opt.step()
         sched.step()
-        if step % CHECK_EVERY == 0 or step == total:
-            check_finite(step, prior_nll=nll)
-        progress.update(step, len(idx), bits_per_image=nll.detach() * tokens.shape[1] / math.log(2))
+        progress(step, len(idx), bits_per_image=nll.detach() * tokens.shape[1] / math.log(2))
     return total
 
 
 @torch.no_grad()
-def encode_tokens(model, x, device, batch_size=1000):
-    """Tokens (N, h, w) of every image."""
+def evaluate(model, prior, x, labels, device, batch_size=1000):
+    """Test MSE per pixel; how the test tokens use the codes (the fraction used at least
+    once, the perplexity exp(H(counts / N)) in codes); with a prior, -log2 p(tokens | y)
+    per test image in bits. Also the tokens (N, h, w)."""
     model.eval()
-    return torch.cat([model.encode(x[i:i + batch_size].to(device)).cpu()
-                      for i in range(0, len(x), batch_size)])
-
-
-@torch.no_grad()
-def evaluate_tokenizer(model, x, device, batch_size=1000):
-    """Test MSE per pixel, and how the test tokens use the codes: the fraction used at
-    least once, and the perplexity exp(H(counts / N)) in codes. Also the tokens (N, h, w)."""
-    model.eval()
-    se, tokens = 0.0, []
+    se, nats, tokens, progress = 0.0, 0.0, [], Progress(len(x), label="evaluate")
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)
         z_q = model.quantize(model.encoder(xb))
         se += (model.decoder(z_q).clamp(0, 1) - xb).pow(2).sum().item()
-        tokens.append(model.to_index(z_q.permute(0, 2, 3, 1)).cpu())
-    tokens = torch.cat(tokens)                                                  # (N, h, w)
+        tokens.append(model.to_index(z_q.permute(0, 2, 3, 1)))                  # (b, h, w)
+        if prior is not None:
+            nll = prior_nll(prior.eval(), tokens[-1].flatten(1), labels[i:i + batch_size].to(device))
+            nats += nll.item() * len(xb)
+        progress(i + len(xb), len(xb))
+    tokens = torch.cat(tokens).cpu()                                            # (N, h, w)
     counts = torch.bincount(tokens.flatten(), minlength=model.codebook_size).double()
     p = counts[counts > 0] / counts.sum()
-    return {"test_recon_mse": se / x.numel(),
-            "codebook_usage": (counts > 0).double().mean().item(),
-            "codes_used": int((counts > 0).sum()),
-            "codebook_size": model.codebook_size,
-            "codebook_perplexity": math.exp(-(p * p.log()).sum().item()),
-            "bits_per_image": round(tokens[0].numel() * math.log2(model.codebook_size), 2)}, tokens
+    metrics = {"test_recon_mse": se / x.numel(), "codebook_usage": (counts > 0).double().mean().item(),
+               "codes_used": int((counts > 0).sum()), "codebook_size": model.codebook_size,
+               "codebook_perplexity": math.exp(-(p * p.log()).sum().item()),
+               "bits_per_image": round(tokens[0].numel() * math.log2(model.codebook_size), 2)}
+    if prior is not None:
+        metrics.update(test_prior_nll_bits=nats * tokens[0].numel() / len(x) / math.log(2),
+                       prior_head=prior.head_kind)
+    return metrics, tokens
 
 
 @torch.no_grad()
-def evaluate_prior(prior, tokens, labels, device, batch_size=1000):
-    """Mean -log2 p(tokens | y) per test image, in bits; tokens (N, T)."""
-    prior.eval()
-    nats = sum(prior_nll(prior, tokens[i:i + batch_size].to(device),
-                         labels[i:i + batch_size].to(device)).item() * len(tokens[i:i + batch_size])
-               for i in range(0, len(tokens), batch_size))
-    return nats * tokens.shape[1] / len(tokens) / math.log(2)
-
-
-@torch.no_grad()
-def draw_samples(model, prior, n, temperature, top_k, seed, device):
-    """n images (n, 1, 28, 28) in [0, 1] decoded from sampled tokens, and their labels (n,):
-    labels 0..9 repeated, so column j of a 10-wide grid holds digits of class j."""
-    labels = torch.arange(n, device=device) % NUM_CLASSES
+def draw_samples(model, prior, n, grid, temperature, top_k, seed, device, chunk=100):
+    """n images (n, C, H, W) in [0, 1] decoded from sampled token grids (h, w) = grid, and
+    the labels asked for: 0..num_classes-1 repeated (column j of a 10-wide grid holds class
+    j), or all 0 = "no label" for an unconditional prior (num_classes 0)."""
+    labels = torch.arange(n, device=device) % max(prior.num_classes, 1)
     gen = torch.Generator(device=device).manual_seed(seed)
-    print(f"sampling {len(labels)} x {prior.seq_len} tokens", flush=True)
-    tokens = sample_tokens(prior, labels, temperature, top_k, generator=gen)  # (n, T)
-    return model.decode_tokens(tokens.view(-1, 7, 7)).cpu(), labels.cpu()
+    threads, images, progress = torch.get_num_threads(), [], Progress(n, label="sample")
+    torch.set_num_threads(1)  # T steps on small tensors: 8x faster than 2 threads on 2 cores
+    try:
+        for i in range(0, n, chunk):
+            tokens = sample_tokens(prior, labels[i:i + chunk], temperature, top_k, generator=gen)
+            images.append(model.decode_tokens(tokens.view(-1, *grid)).cpu())    # (chunk, C, H, W)
+            progress(i + len(tokens), len(tokens))
+    finally:
+        torch.set_num_threads(threads)
+    return torch.cat(images), labels.cpu()
+
+
+@torch.no_grad()
+def write_outputs(model, prior, x_test, grid, args, device, out):
+    """recon.npy (the first min(500, N) test images reconstructed) and recon.png; with a
+    prior samples.npy, samples.png and, when it was asked for classes, sample_labels.npy."""
+    x = x_test[:500]
+    x_hat = model(x.to(device))[0].clamp(0, 1).cpu()                          # (n, C, H, W)
+    atomic_write(out / "recon.npy", lambda f: np.save(f, x_hat.numpy()))
+    ncol = min(16, len(x))
+    n = min(64, len(x)) // ncol * ncol  # whole rows of test images, each over its reconstructions
+    rows = torch.stack([x[:n].view(-1, ncol, *x.shape[1:]), x_hat[:n].view(-1, ncol, *x.shape[1:])], 1)
+    write_png(out / "recon.png", image_grid(rows.flatten(0, 2), ncol=ncol))
+    if prior is not None:
+        samples, labels = draw_samples(model, prior, args.num_samples, grid, args.temperature, args.top_k,
+                                       args.seed, device)
+        atomic_write(out / "samples.npy", lambda f: np.save(f, samples.numpy()))  # (N, C, H, W)
+        if prior.num_classes:
+            atomic_write(out / "sample_labels.npy", lambda f: np.save(f, labels.numpy()))
+        write_png(out / "samples.png", image_grid(samples, ncol=min(args.num_samples, 10)))
 
 
 # ============================================================ main
 
+MODEL_FLAGS = ("quantizer", "bits", "levels", "width", "prior_width", "prior_layers", "prior_heads")
+
+
+def fsq_levels(text):
+    """--levels '8,5,5,5' -> (8, 5, 5, 5), each at least 3 (two levels are LFQ's sign)."""
+    if min(levels := tuple(int(v) for v in text.split(","))) < 3:
+        raise argparse.ArgumentTypeError(f"FSQ levels must be at least 3, got {text}")
+    return levels
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", default=str(HERE / "data" / "mnist"),
-                   help="folder with the four MNIST idx .gz files (downloaded if missing)")
-    p.add_argument("--out", default=f"runs/{SCRIPT}", help="output folder")
-    p.add_argument("--bits", type=int, default=10,
-                   help="d, bits per token: 2^d codes (LFQ's codebook size; no --codebook-size)")
-    p.add_argument("--quantizer", choices=["lfq", "fsq"], default="lfq",
-                   help="lfq: sign bits; fsq: finite scalar quantisation, the sibling, with "
-                   "the paper's levels for about 2^bits codes (or --levels)")
-    p.add_argument("--levels", help="FSQ levels per channel, e.g. 8,5,5,5 (1,000 codes)")
-    p.add_argument("--epochs", type=int, default=5, help="stage one (tokenizer) epochs")
-    p.add_argument("--prior-epochs", type=int, default=3, help="stage two (prior) epochs; 0 skips it")
-    p.add_argument("--steps", type=int, default=0,
-                   help="at most this many optimizer steps per stage, and judge steps (0: no cap)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3, help="stage one learning rate")
-    p.add_argument("--prior-lr", type=float, default=2e-3, help="stage two learning rate")
-    p.add_argument("--width", type=int, default=64, help="channels of the conv layers at 7 x 7")
-    p.add_argument("--beta", type=float, default=0.25, help="weight of the commitment term")
-    p.add_argument("--entropy-weight", type=float, default=1.0,
+    nonnegative_float = checked(float, lambda v: 0 <= v < math.inf, ">= 0")
+    p.add_argument("--data", default="mnist", help="mnist, or a .npy of images (N, H, W) or (N, C, H, "
+                   "W), uint8 or in [0, 1], H and W multiples of 4 (its last tenth: the test set)")
+    p.add_argument("--data-dir", default=str(Path(__file__).resolve().parent / "data" / "mnist"),
+                   help="MNIST's folder")
+    p.add_argument("--out", help="output folder; None: runs/lfq, or sample_only/ beside --ckpt")
+    p.add_argument("--quantizer", choices=["lfq", "fsq"], default="lfq", help="lfq: sign bits; fsq: "
+                   "finite scalar quantisation, with the paper's levels for about 2^bits codes")
+    p.add_argument("--bits", type=checked(int, lambda v: 1 <= v <= 24, "in 1..24"), default=10,
+                   help="d, bits per token: 2^d codes (LFQ's codebook size)")
+    p.add_argument("--levels", type=fsq_levels, help="FSQ levels per channel, e.g. 8,5,5,5 (1,000 codes)")
+    p.add_argument("--width", type=checked(int, lambda v: v >= 2, ">= 2"), default=64,
+                   help="channels of the conv layers at h x w")
+    p.add_argument("--epochs", type=positive_int, default=5, help="stage one (tokenizer) epochs")
+    p.add_argument("--prior-epochs", type=nonnegative_int, default=3, help="stage two epochs; 0: no prior")
+    p.add_argument("--steps", type=nonnegative_int, default=0, help="cap on each stage's steps (0: none)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per step, both stages")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="stage one learning rate")
+    p.add_argument("--prior-lr", type=positive_float, default=2e-3, help="stage two learning rate")
+    p.add_argument("--beta", type=nonnegative_float, default=0.25, help="weight of the commitment term")
+    p.add_argument("--entropy-weight", type=nonnegative_float, default=1.0,
                    help="lambda, weight of L_ent (MAGVIT-v2 used 0.1; this small model collapses there)")
-    p.add_argument("--gamma", type=float, default=1.0, help="weight of the batch entropy inside L_ent")
-    p.add_argument("--tau", type=float, default=1.0, help="temperature of the soft assignment p(c|z_e)")
+    p.add_argument("--gamma", type=nonnegative_float, default=1.0, help="weight of the batch entropy in L_ent")
+    p.add_argument("--tau", type=positive_float, default=1.0, help="temperature of the soft assignment p(c|z_e)")
     p.add_argument("--entropy", choices=["auto", "exact", "groups", "per-bit"], default="auto",
-                   help=f"form of the batch entropy in L_ent. exact: over all 2^d codes (d <= "
-                   f"{EXACT_ENTROPY_MAX_BITS}); groups: summed over the fewest groups of <= "
-                   f"{GROUP_MAX_BITS} bits, as equal as possible (23 = 8 + 8 + 7), an upper bound; "
-                   f"per-bit: d groups of 1 bit (the loosest bound: it lets the bits collapse "
-                   f"together); auto: exact up to d = {EXACT_ENTROPY_MAX_BITS}, groups above")
-    p.add_argument("--prior-width", type=int, default=128, help="D, transformer width")
-    p.add_argument("--prior-layers", type=int, default=3)
-    p.add_argument("--prior-heads", type=int, default=4)
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the prior")
-    p.add_argument("--top-k", type=int, default=0,
-                   help="sample among the k likeliest codes (0: all; softmax head only)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=100, help="samples drawn, and N of the judge")
-    p.add_argument("--test-limit", type=int, default=0,
-                   help="evaluate on the first N test images only (0: all 10,000)")
-    p.add_argument("--sample-only", action="store_true",
-                   help="skip training: load --ckpt, evaluate and sample (-> eval_metrics.json)")
-    p.add_argument("--ckpt", help="checkpoint to load with --sample-only")
+                   help="batch entropy of L_ent. exact: over all 2^d codes; groups: summed over the fewest "
+                   "groups of <= 8 bits, as equal as possible (23 = 8 + 8 + 7), an upper bound; per-bit: "
+                   "d groups of 1 bit (the loosest: bits may collapse together); auto: exact up to d = 20")
+    p.add_argument("--prior-width", type=positive_int, default=128, help="transformer width")
+    p.add_argument("--prior-layers", type=positive_int, default=3, help="transformer blocks")
+    p.add_argument("--prior-heads", type=positive_int, default=4, help="attention heads")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=nonnegative_int, default=0,
+                   help="sample among the k likeliest codes (0: all; needs d <= 12, the softmax head)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA if present")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seeds random, numpy and torch")
+    p.add_argument("--num-samples", type=positive_int, default=100, help="images sampled from the prior")
+    p.add_argument("--test-limit", type=nonnegative_int, default=0, help="first N test images only (0: all)")
+    p.add_argument("--sample-only", action="store_true", help="load --ckpt, evaluate and sample; no training")
+    p.add_argument("--ckpt", help="the model.pt that --sample-only loads")
     return p
 
 
 def parse_args(argv=None):
     p = build_parser()
-    reject_old_flags(p, argv)
     args = p.parse_args(argv)
-    check_flags(p, args, positive=("epochs", "batch_size", "lr", "prior_lr", "tau", "temperature",
-                                   "num_samples"),
-                nonnegative=("prior_epochs", "steps", "test_limit", "top_k", "beta",
-                             "entropy_weight", "gamma", "seed"))
-    problem = flag_problem(args)  # ranges and combinations the table cannot express
-    if problem:
-        p.error(problem)
+    given = [f"--{k.replace('_', '-')}" for k in MODEL_FLAGS if getattr(args, k) != p.get_default(k)]
+    levels = args.levels or FSQ_LEVELS.get(args.bits) if args.quantizer == "fsq" else ()
+    if args.sample_only != (args.ckpt is not None):
+        p.error("--sample-only and --ckpt PATH go together")
+    elif args.sample_only and given:
+        p.error(f"{', '.join(given)}: --sample-only rebuilds the model from the checkpoint's config")
+    elif args.prior_width % args.prior_heads:
+        p.error("--prior-width must be a multiple of --prior-heads")
+    elif args.levels and args.quantizer != "fsq":
+        p.error("--levels is for --quantizer fsq")
+    elif levels is None:
+        p.error(f"--quantizer fsq needs --levels L1,L2,... or --bits in {sorted(FSQ_LEVELS)}")
+    elif args.prior_epochs and math.prod(levels) > 2 ** FULL_SOFTMAX_MAX_BITS:
+        p.error(f"a prior over FSQ tokens is a softmax over at most {2 ** FULL_SOFTMAX_MAX_BITS:,} codes; "
+                "use --prior-epochs 0")
+    args.levels = list(levels)
+    args.out = args.out or (str(Path(args.ckpt).parent / "sample_only") if args.sample_only else f"runs/{SCRIPT}")
     return args
 
 
-def build(cfg, device, with_prior):
-    """The tokenizer and (with_prior) the prior a configuration describes."""
-    levels = parse_levels(cfg["levels"], cfg["bits"]) if cfg["quantizer"] == "fsq" else None
-    model = Tokenizer(cfg["bits"], cfg["width"], levels).to(device)
-    prior = None
-    if with_prior:
-        prior = TokenPrior(model.codebook_size, 7 * 7, NUM_CLASSES, cfg["prior_width"],
-                           cfg["prior_layers"], cfg["prior_heads"], levels=model.levels).to(device)
-    return model, prior
+def build(config):
+    """The tokenizer and (config["prior"]) the prior as one module: weights tokenizer.*, prior.*"""
+    c, h, w = config["image_shape"]
+    model = nn.ModuleDict({"tokenizer": Tokenizer(config["bits"], config["width"], config["levels"], c)})
+    if config["prior"]:
+        model["prior"] = TokenPrior(model["tokenizer"].codebook_size, (h // DOWNSAMPLE) * (w // DOWNSAMPLE),
+                                    config["num_classes"], config["prior_width"], config["prior_layers"],
+                                    config["prior_heads"], levels=config["levels"])
+    return model
+
+
+def load_data(args):
+    """Images (N, C, H, W) and labels (N,), or None for unlabelled data; --test-limit applied."""
+    (x_train, y_train), (x_test, y_test) = (load_images(args.data, args.data_dir, s) for s in ("train", "test"))
+    if x_test.shape[-2] % DOWNSAMPLE or x_test.shape[-1] % DOWNSAMPLE:
+        raise RunError(f"--data {args.data}: images of {tuple(x_test.shape[-2:])} pixels; lfq.py "
+                       f"needs H and W multiples of {DOWNSAMPLE} (two stride-2 convolutions)")
+    n = args.test_limit or len(x_test)
+    return x_train, y_train, x_test[:n], None if y_test is None else y_test[:n]
 
 
 def run(args):
-    device = pick_device(args.device)
-    out = prepare_out_dir(args.out)
+    device, out = pick_device(args.device), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.sample_only and (out / "model.pt").exists():
+        raise RunError(f"--out {out} holds a training run's model.pt; --sample-only writes elsewhere")
     seed_everything(args.seed)
-    x_test, y_test = mnist_tensors(args.data_dir, "test", args.test_limit)
-    x_train, y_train = mnist_tensors(args.data_dir, "train")
-    steps, train_seconds = [0, 0], 0.0
+    x_train, y_train, x_test, y_test = load_data(args)
     if args.sample_only:
-        model, prior = load_models(args.ckpt, device, args.top_k)
+        model, config = load_checkpoint(args.ckpt, build)
+        if config["image_shape"] != list(x_test.shape[1:]):
+            raise RunError(f"{args.ckpt} models images {config['image_shape']}, --data has {list(x_test.shape[1:])}")
+    elif args.batch_size > len(x_train):
+        raise RunError(f"--batch-size {args.batch_size} is larger than the training set ({len(x_train)} images)")
     else:
-        if args.batch_size > len(x_train):
-            raise RunError(f"--batch-size {args.batch_size} is larger than the training set "
-                           f"({len(x_train)} images)")
-        model, prior = build(vars(args), device, args.prior_epochs > 0)
-        start = time.time()
-        steps[0] = train_tokenizer(model, x_train, args, device)
+        model = build(config := {
+            "bits": args.bits, "width": args.width, "levels": args.levels, "image_shape": list(x_train.shape[1:]),
+            "num_classes": 0 if y_train is None else int(y_train.max()) + 1, "prior": args.prior_epochs > 0,
+            "prior_width": args.prior_width, "prior_layers": args.prior_layers, "prior_heads": args.prior_heads})
+    tokenizer, prior = model["tokenizer"].to(device), model["prior"].to(device) if "prior" in model else None
+    if args.top_k and prior is not None and prior.head_kind == "bits":
+        raise RunError("--top-k needs the prior's softmax head (d <= 12); this one samples bit by bit")
+    k = prior.num_classes if prior is not None else 0  # the prior's label: the class, or k = "no label"
+    y_train, y_test = (y if y is not None and k else torch.full((len(x),), k)
+                       for x, y in ((x_train, y_train), (x_test, y_test)))
+    steps, start = [0, 0], time.time()
+    if not args.sample_only:
+        steps[0] = train_tokenizer(tokenizer, x_train, args, device)
         if prior is not None:
-            tokens = encode_tokens(model, x_train, device).flatten(1)  # (N, T): the prior's data
-            steps[1] = train_prior(prior, tokens, y_train, args, device)
+            steps[1] = train_prior(prior, tokenizer, x_train, y_train, args, device)
         if device.type == "cuda":
             torch.cuda.synchronize()  # GPU work is asynchronous: time it once it is done
-        train_seconds = time.time() - start
-        save_models(out / "model.pt", model, prior, vars(args))
-    metrics, test_tokens = evaluate_tokenizer(model, x_test, device)
-    if prior is not None:
-        metrics["test_prior_nll_bits"] = evaluate_prior(prior, test_tokens.flatten(1), y_test, device)
-        metrics["prior_head"] = prior.head_kind
-    samples, labels, recons = write_outputs(model, prior, x_test, args, device, out)
-    metrics.update(quantizer="fsq" if model.levels else "lfq",
-                   levels=list(model.levels or [2] * model.dim),
-                   bits=round(math.log2(model.codebook_size), 2), train_seconds=round(train_seconds, 1),
-                   steps_stage1=steps[0], steps_stage2=steps[1], device=str(device),
+        save_checkpoint(out / "model.pt", config, model.state_dict())
+    train_seconds = 0.0 if args.sample_only else round(time.time() - start, 1)
+    metrics, tokens = evaluate(tokenizer, prior, x_test, y_test, device)
+    write_outputs(tokenizer, prior, x_test, tokens.shape[1:], args, device, out)
+    metrics.update(quantizer="fsq" if tokenizer.levels else "lfq", levels=list(tokenizer.levels or [2] * tokenizer.dim),
+                   bits=round(math.log2(tokenizer.codebook_size), 2), train_seconds=train_seconds,
+                   steps=sum(steps), steps_stage1=steps[0], steps_stage2=steps[1], device=str(device),
                    test_images=len(x_test))
-    metrics.update(judge_report(out, device, x_train, y_train, x_test, y_test, samples, labels,
-                                recons, judge_steps=args.steps or None))
-    write_metrics(out / ("eval_metrics.json" if args.sample_only else "metrics.json"), metrics)
+    write_json(out / "metrics.json", metrics)
     print(json.dumps(metrics))
     return metrics
 
@@ -674,7 +683,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except RunError as e:
+    except (RunError, OSError) as e:
         sys.exit(f"error: {e}")
 
 
@@ -682,15 +691,29 @@ def main(argv=None):
 
 # --- shared: run utilities ---
 class RunError(Exception):
-    """A problem the user can act on (bad file, missing data, diverged loss).
+    """An expected failure (missing data, a bad checkpoint, a diverged loss): main() prints
+    it as one line `error: ...` on stderr and exits with status 1."""
 
-    main() prints it as a single line `error: ...` and exits with status 1."""
+
+def checked(kind, ok, rule):
+    """An argparse type: kind(text), refused in argparse's one line unless ok(value)."""
+    def parse(text):
+        if not ok(value := kind(text)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" names the type
+    return parse
+
+
+positive_int = checked(int, lambda v: v > 0, "> 0")
+nonnegative_int = checked(int, lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)")
+positive_float = checked(float, lambda v: 0 < v < math.inf, "> 0")
+fraction = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def pick_device(name):
-    """'auto' takes CUDA when present; asking for CUDA without one is an error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda was asked for, but torch sees no CUDA device")
     return torch.device(name)
@@ -703,541 +726,140 @@ def seed_everything(seed):
 
 
 def atomic_write(path, write):
-    """Call write(f) on a fresh temporary file beside `path`, fsync it, rename it over `path`.
-
-    The temporary name is unique (never a user's own `OUT.tmp`), and os.replace is
-    atomic: a reader, or a crash, sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise RunError(f"could not create a temporary file beside {path}")
+    """write(f) into a temporary file beside `path`, then rename it over `path`: a reader,
+    or a crash, sees the old file or the new one, never half of one."""
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
-def prepare_out_dir(out):
-    """Create the output folder; refuse, in one line, a path that is a file."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} is a file, not a folder")
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def save_checkpoint(path, config, state):
+    atomic_write(path, lambda f: torch.save({"script": SCRIPT, "config": config, "model": state}, f))
+
+
+def load_checkpoint(path, build):
+    """(model, config): build(config) makes the model, whose weights then load strictly.
+    A missing, truncated or foreign file ends in one line, whatever failed inside."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"--out {out}: cannot create the folder ({e.strerror})") from None
-    return out
-
-
-def save_checkpoint(path, model_state, config):
-    """model.pt = {"script", "model": state_dict(s), "config": vars(args)}, atomically."""
-    ckpt = {"script": SCRIPT, "model": model_state, "config": config}
-    atomic_write(path, lambda f: torch.save(ckpt, f))
-
-
-def load_checkpoint(path):
-    """Load a checkpoint of *this* script with weights_only=True, or fail in one line."""
-    if not Path(path).is_file():
-        raise RunError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a corrupt file
-        raise RunError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
-        found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
-        raise RunError(f"{path} is a checkpoint of {found}, not of {SCRIPT}.py")
-    if not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
-        raise RunError(f"{path}: checkpoint lacks its weights or its config; it is damaged")
-    return ckpt
-
-
-def checkpoint_config(ckpt, required, path="checkpoint"):
-    """ckpt["config"], once every key in `required` ({name: type}) holds a value of that type."""
-    config = ckpt["config"]
-    for name, kind in required.items():
-        value = config.get(name)
-        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
-        if not ok:
-            raise RunError(f"{path}: config {name!r} is {value!r}, not a {kind.__name__}; "
-                           "the checkpoint is damaged")
-    return config
-
-
-def load_weights(model, state, path="checkpoint"):
-    """model.load_state_dict(state), or one line saying the weights do not fit the model."""
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"{path}: the weights do not fit the model its config describes ({first})") \
-            from None
-    return model
-
-
-def write_metrics(path, metrics):
-    atomic_write(path, lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()))
-
-
-def check_finite(step, **terms):
-    """Stop on a NaN/inf loss before it reaches the weights on disk."""
-    for name, value in terms.items():
-        if not torch.isfinite(torch.as_tensor(value)).all():
-            raise RunError(f"non-finite {name} at step {step}; stopped, model.pt left as it was "
-                           "(try a lower --lr)")
-
-
-def check_flags(parser, args, positive=(), nonnegative=(), fraction=()):
-    """Validate flags by table: `positive` > 0, `nonnegative` >= 0, `fraction` in [0, 1).
-
-    Names are argparse dests ("lr", "batch_size"); None means "not given" and passes.
-    A bad value ends in argparse's usage and one error line (exit status 2)."""
-    rules = ([(n, "> 0", lambda v: v > 0) for n in positive]
-             + [(n, ">= 0", lambda v: v >= 0) for n in nonnegative]
-             + [(n, "in [0, 1)", lambda v: 0 <= v < 1) for n in fraction])
-    for name, text, ok in rules:
-        value = getattr(args, name)
-        if value is not None and not (np.isfinite(value) and ok(value)):
-            parser.error(f"--{name.replace('_', '-')} must be {text} (got {value})")
-
-
-def reject_renamed(parser, argv, renamed):
-    """A flag's old spelling fails in one line that names the new one."""
-    for arg in (sys.argv[1:] if argv is None else argv):
-        old = str(arg).split("=", 1)[0]
-        if old in renamed:
-            parser.error(f"{old} is now spelled {renamed[old]}")
-
-
-def format_seconds(s):
-    s = int(round(s))
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # runs no code from the file
+        if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+            raise ValueError(f"not written by {SCRIPT}.py")
+        model = build(ckpt["config"])
+        model.load_state_dict(ckpt["model"], strict=True)
+    except Exception as e:  # torch.load alone raises a dozen kinds for a damaged file
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise RunError(f"{path}: not a usable {SCRIPT}.py checkpoint ({why})") from None
+    return model, ckpt["config"]
 
 
 class Progress:
-    """Prints `step/total | terms | examples/s | eta` at most every `every` seconds."""
+    """`label step/total | terms | items/s | eta`, at most every `every` seconds. Terms may
+    be tensors, read (a device sync) only when a line is printed; a non-finite one stops
+    the run there, before a diverged model is saved."""
 
-    def __init__(self, total, every=5.0, label="train"):
-        self.total, self.every, self.label = total, every, label
+    def __init__(self, total, label="train", every=5.0):
+        self.total, self.label, self.every, self.items = total, label, every, 0
         self.start = self.last = time.time()
-        self.examples = 0
 
-    def update(self, step, examples, **terms):
-        self.examples += examples
-        now = time.time()
+    def __call__(self, step, items=0, **terms):
+        self.items, now = self.items + items, time.time()
         if now - self.last < self.every and step < self.total:
             return
-        self.last = now
-        elapsed = now - self.start
+        self.last, elapsed, values = now, now - self.start, {k: float(v) for k, v in terms.items()}
+        for k, v in values.items():
+            if not math.isfinite(v):
+                raise RunError(f"non-finite {k} at {self.label} step {step}; stopped (try a lower --lr)")
         eta = elapsed / max(step, 1) * (self.total - step)
-        values = " ".join(f"{k} {float(v):.4g}" for k, v in terms.items())
-        print(f"{self.label} {step}/{self.total} | {values} | "
-              f"{self.examples / max(elapsed, 1e-9):.0f} ex/s | eta {format_seconds(eta)}",
-              flush=True)
+        print(f"{self.label} {step}/{self.total} | " + " ".join(f"{k} {v:.4g}" for k, v in values.items())
+              + f" | {self.items / max(elapsed, 1e-9):.0f}/s | eta {eta:.0f}s", flush=True)
 # --- end shared ---
 
 
-# --- shared: mnist loader ---
-# sha256 of the *decompressed* idx files: the same for the copies in data/mnist
-# and for every mirror, whatever gzip settings the mirror used.
-MNIST_FILES = {
-    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-}
-MNIST_MIRRORS = (
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "https://storage.googleapis.com/cvdf-datasets/mnist/",
-)
+# --- shared: image data ---
+MNIST = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+         "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
-def parse_idx(raw, name):
-    """Decode an idx file: 0x00 0x00, type 0x08 (uint8), ndim, ndim big-endian sizes, data."""
-    ndim = 3 if "images" in name else 1
-    magic = 0x0800 + ndim  # 2051 for images, 2049 for labels
-    if len(raw) < 4 + 4 * ndim or struct.unpack(">I", raw[:4])[0] != magic:
-        raise RunError(f"{name}: bad idx magic number {raw[:4].hex()} (expected {magic:08x}); "
-                       "not an MNIST idx file")
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    expected = (28, 28) if ndim == 3 else ()
-    if shape[1:] != expected or len(raw) != 4 + 4 * ndim + int(np.prod(shape)):
-        raise RunError(f"{name}: header says shape {shape} but the file holds "
-                       f"{len(raw) - 4 - 4 * ndim} bytes of data; the file is damaged")
+def read_idx(path):
+    """An idx file (MNIST's format): bytes 0 0, type 0x08 (uint8), ndim, ndim big-endian
+    sizes, then the data."""
+    try:
+        raw = gzip.decompress(Path(path).read_bytes())
+        zero, kind, ndim = struct.unpack(">HBB", raw[:4])
+        shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    except (OSError, EOFError, zlib.error, struct.error) as e:
+        raise RunError(f"{path}: not a gzipped idx file ({e})") from None
+    if zero != 0 or kind != 8 or len(raw) != 4 + 4 * ndim + math.prod(shape):
+        raise RunError(f"{path}: bad idx header or size; the file is damaged")
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def download_mnist_file(name, path):
-    """Fetch name.gz from the first mirror that serves it with the right sha256."""
-    for mirror in MNIST_MIRRORS:
-        try:
-            with urllib.request.urlopen(mirror + name + ".gz", timeout=30) as r:
-                packed = r.read()
-            if hashlib.sha256(gzip.decompress(packed)).hexdigest() == MNIST_FILES[name]:
-                atomic_write(path, lambda f: f.write(packed))
-                return
-        except (OSError, EOFError, zlib.error):
-            continue
-    raise RunError(f"{path} is missing and no mirror could provide it; copy the four MNIST "
-                   f"files ({', '.join(n + '.gz' for n in MNIST_FILES)}) into {path.parent}/")
-
-
-def load_mnist(data_dir, split):
-    """Return (images (N, 28, 28) uint8, labels (N,) int64) for split 'train' or 'test'."""
-    prefix = "train" if split == "train" else "t10k"
-    arrays = []
-    for kind in ("images-idx3", "labels-idx1"):
-        name = f"{prefix}-{kind}-ubyte"
-        path = Path(data_dir) / (name + ".gz")
-        if not path.is_file():
-            print(f"{path} not found; downloading MNIST", file=sys.stderr)
-            download_mnist_file(name, path)
-        try:
-            raw = gzip.decompress(path.read_bytes())
-        except (OSError, EOFError, zlib.error) as e:
-            raise RunError(f"{path}: corrupt gzip archive ({e}); delete it to re-download") from None
-        arrays.append(parse_idx(raw, name))
-    images, labels = arrays
-    if len(images) != len(labels):
-        raise RunError(f"MNIST {split}: {len(images)} images but {len(labels)} labels")
-    return images, labels.astype(np.int64)
+def load_images(data, data_dir, split):
+    """(images (N, C, H, W) float32 in [0, 1], labels (N,) int64 or None) for split 'train'
+    or 'test'. data is "mnist" (the idx files in data_dir) or a user's .npy array of shape
+    (N, H, W) or (N, C, H, W), uint8 or floats in [0, 1], unlabelled: its last tenth is
+    held out as the test split."""
+    if data == "mnist":
+        paths = [Path(data_dir) / name for name in MNIST[split]]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise RunError(f"MNIST not found: {', '.join(missing)} (shipped in data/mnist/)")
+        images, labels = (read_idx(p) for p in paths)
+        return torch.from_numpy(images[:, None] / np.float32(255)), torch.from_numpy(labels.astype(np.int64))
+    try:
+        x = np.load(data)  # allow_pickle=False: a plain array, never code
+        x = x[:, None] if x.ndim == 3 else x
+    except (OSError, ValueError, AttributeError) as e:
+        raise RunError(f"--data {data}: not a readable .npy array ({e})") from None
+    if x.ndim != 4 or len(x) < 2 or x.shape[1] not in (1, 3):
+        raise RunError(f"--data {data}: shape {x.shape}; expected (N, H, W) or (N, C, H, W), "
+                       "C 1 or 3, N >= 2")
+    if x.dtype == np.uint8:
+        x = x / np.float32(255)
+    elif not (np.issubdtype(x.dtype, np.floating) and x.min() >= 0 and x.max() <= 1):
+        raise RunError(f"--data {data}: {x.dtype} values; expected uint8 or floats in [0, 1]")
+    n_test = max(1, len(x) // 10)
+    x = x[-n_test:] if split == "test" else x[:-n_test]
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), None
 # --- end shared ---
 
 
 # --- shared: png writer ---
-def png_bytes(pixels, bit_depth=8):
-    """Encode pixels as a PNG file's bytes: uint8 (H, W) grey or (H, W, 3) RGB at bit depth 8,
-    or a (H, W) array of 0/1 at bit depth 1 (eight pixels a byte, rows padded to whole bytes)."""
-    pixels = np.ascontiguousarray(pixels)
+def write_png(path, pixels):
+    """A PNG of uint8 pixels, (H, W) grey or (H, W, 3) RGB: signature, IHDR, one zlib IDAT
+    of scanlines each led by filter byte 0, IEND; every chunk length + type + data + CRC32."""
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
     h, w = pixels.shape[:2]
-    if bit_depth == 1:
-        if pixels.ndim != 2 or not np.isin(pixels, (0, 1)).all():
-            raise ValueError("a 1-bit PNG takes a (H, W) array of 0s and 1s")
-        rows = np.packbits(pixels.astype(np.uint8), axis=1)  # (H, ceil(W / 8)), MSB first
-        colour_type = 0
-    elif bit_depth == 8:
-        rows = pixels.astype(np.uint8)
-        colour_type = 2 if pixels.ndim == 3 else 0  # 2 = RGB, 0 = greyscale
-    else:
-        raise ValueError(f"bit depth {bit_depth} is not written here (1 or 8)")
-    # Each scanline starts with its filter type; 0 = none.
-    raw = b"".join(b"\x00" + rows[y].tobytes() for y in range(h))
+    colour = 2 if pixels.ndim == 3 else 0  # 2 = RGB, 0 = grey
 
     def chunk(kind, data):
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, colour_type, 0, 0, 0)  # no interlace
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
-
-def write_png(path, pixels, bit_depth=8):
-    atomic_write(path, lambda f: f.write(png_bytes(pixels, bit_depth)))
+    raw = b"".join(b"\x00" + pixels[y].tobytes() for y in range(h))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    atomic_write(path, lambda f: f.write(png))
 
 
-def image_grid(images, ncol, border=2, border_value=128):
-    """Tile images (N, C, H, W) in [0, 1] into one uint8 picture, 2-pixel grey borders."""
-    images = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
+def image_grid(images, ncol, border=2):
+    """Tile images (N, C, H, W) in [0, 1], C 1 or 3, into one uint8 picture, grey borders."""
+    images = np.clip(np.asarray(images, dtype=np.float32), 0, 1)
     n, c, h, w = images.shape
     nrow = -(-n // ncol)
-    grid = np.full((border + nrow * (h + border), border + ncol * (w + border), c),
-                   border_value, np.uint8)
+    grid = np.full((border + nrow * (h + border), border + ncol * (w + border), c), 128, np.uint8)
     for i in range(n):
         y, x = border + (i // ncol) * (h + border), border + (i % ncol) * (w + border)
         grid[y:y + h, x:x + w] = (images[i].transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
     return grid[:, :, 0] if c == 1 else grid
 # --- end shared ---
-
-
-# --- shared: digit judge ---
-# One ruler for every image script: a small MNIST classifier whose 128-number penultimate
-# features stand in for Inception's in FID. FD = |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^1/2)
-# between the features of two image sets (0 for identical sets), and a score
-# exp E_x KL(p(y|x) || p(y)) between 1 (one class, or no confident class) and 10.
-JUDGE_STEPS = 1500  # Adam steps of 128 digits for the full judge: about 3 epochs, 98.9 % test accuracy
-
-
-class DigitJudge(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # (B, 32, 14, 14)
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))  # (B, 64, 7, 7)
-        self.fc = nn.Linear(64 * 7 * 7, 128)
-        self.head = nn.Linear(128, 10)
-
-    def features(self, x):  # (B, 1, 28, 28) in [0, 1] -> (B, 128)
-        return torch.relu(self.fc(self.conv(x - 0.5).flatten(1)))
-
-    def forward(self, x):  # -> class logits (B, 10)
-        return self.head(self.features(x))
-
-
-def train_judge(x_train, y_train, device, steps, seed=0):
-    """Cross-entropy training from a fixed seed, off the caller's random stream."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        judge = DigitJudge().to(device)
-        opt = torch.optim.Adam(judge.parameters(), lr=1e-3)
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(steps):
-            idx = torch.randint(len(x_train), (min(128, len(x_train)),), generator=gen)
-            loss = F.cross_entropy(judge(x_train[idx].to(device)), y_train[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return judge.eval()
-
-
-@torch.no_grad()
-def judge_outputs(judge, images, batch_size=500):
-    """Features (N, 128) and class probabilities (N, 10), float64 numpy."""
-    device = next(judge.parameters()).device
-    feats, probs = [], []
-    for i in range(0, len(images), batch_size):
-        f = judge.features(images[i:i + batch_size].to(device, torch.float32).clamp(0, 1))
-        feats.append(f.double().cpu())
-        probs.append(torch.softmax(judge.head(f).double(), 1).cpu())
-    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
-
-
-def frechet_distance(feats_a, feats_b):
-    """FD between Gaussians fitted to two feature sets (N, F); tr (C_a C_b)^1/2 via the
-    symmetric product C_a^1/2 C_b C_a^1/2, which has the same eigenvalues."""
-    mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
-    cov_a, cov_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
-    w, v = np.linalg.eigh(cov_a)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
-    fd = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) \
-        - 2 * np.sqrt(np.clip(cross, 0, None)).sum()
-    return float(max(fd, 0.0))
-
-
-def judge_score(probs):
-    """exp E_x KL(p(y|x) || p(y)): high when each image is confidently one digit and all
-    ten digits occur (the Inception score, with the judge in Inception's place)."""
-    p_y = probs.mean(0, keepdims=True)
-    kl = (probs * (np.log(probs + 1e-12) - np.log(p_y + 1e-12))).sum(1)
-    return float(np.exp(kl.mean()))
-
-
-def load_or_train_judge(path, device, x_train, y_train, x_test, y_test, steps):
-    """The judge cached at `path`, checked by the sha256 and config in its .json beside it;
-    trained again (and cached) when missing, damaged or made with other settings or data.
-    Returns the judge and its accuracy on (x_test, y_test)."""
-    if x_train.min() < 0 or x_train.max() > 1:
-        raise ValueError("the digit judge takes images in [0, 1]")
-    path, meta_path = Path(path), Path(path).with_suffix(".json")
-    data = hashlib.sha256((x_train[::97] * 255).round().to(torch.uint8).cpu().numpy().tobytes()
-                          + y_train.cpu().numpy().astype(np.int64).tobytes()).hexdigest()
-    config = {"steps": int(steps), "seed": 0, "train_n": len(x_train), "data": data[:16],
-              "version": 2}
-    judge = None
-    try:
-        meta = json.loads(meta_path.read_text())
-        blob = path.read_bytes()
-        if meta["config"] == config and meta["sha256"] == hashlib.sha256(blob).hexdigest():
-            judge = DigitJudge()
-            judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            judge = judge.to(device).eval()
-    except Exception:  # missing, unreadable or damaged: train a fresh one below
-        judge = None
-    if judge is None:
-        print(f"training the digit judge ({steps} steps) -> {path}", flush=True)
-        judge = train_judge(x_train, y_train, device, steps)
-        atomic_write(path, lambda f: torch.save(judge.state_dict(), f))
-        meta = {"config": config, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-        atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
-    _, probs = judge_outputs(judge, x_test)
-    return judge, float((probs.argmax(1) == y_test.cpu().numpy()).mean())
-
-
-def judge_report(out, device, x_train, y_train, x_test, y_test, samples=None,
-                 sample_labels=None, recons=None, judge_steps=None):
-    """Judge figures for metrics.json. Every set holds the same N images and is measured
-    against the same reference, the test digits after the first N: the samples, the
-    reconstructions of the first N test digits, and three anchors (those N real digits,
-    the same binarised, uniform noise). judge_steps (smoke runs) trains a smaller judge."""
-    steps = JUDGE_STEPS if judge_steps is None else min(int(judge_steps), JUDGE_STEPS)
-    name = "digit_judge.pt" if judge_steps is None else f"digit_judge_{steps}steps.pt"
-    judge, accuracy = load_or_train_judge(Path(out).resolve().parent / name, device,
-                                          x_train, y_train, x_test, y_test, steps)
-    sizes = [len(s) for s in (samples, recons) if s is not None]
-    n = min(sizes + [len(x_test) // 2])
-    ref, _ = judge_outputs(judge, x_test[n:])
-    real = x_test[:n].cpu()
-    binarised = torch.bernoulli(real, generator=torch.Generator().manual_seed(0))
-    noise = torch.rand(real.shape, generator=torch.Generator().manual_seed(0))
-    report = {"judge_test_accuracy": accuracy, "judge_n": n}
-    for key, images in (("anchor_real", real), ("anchor_binarised", binarised),
-                        ("anchor_noise", noise), ("sample", samples), ("recon", recons)):
-        if images is None:
-            continue
-        feats, probs = judge_outputs(judge, images[:n])
-        report[f"{key}_fd"] = frechet_distance(feats, ref)
-        if key != "recon":
-            report[f"{key}_score"] = judge_score(probs)
-        if key == "sample" and sample_labels is not None:
-            asked = torch.as_tensor(sample_labels)[:n].cpu().numpy()
-            report["sample_label_match"] = float((probs.argmax(1) == asked).mean())
-    return report
-# --- end shared ---
-
-
-# ============================================================ checking flags and configurations (lfq's own)
-
-RENAMED = {"--commit-weight": "--beta", "--prior-dim": "--prior-width"}
-
-
-def reject_old_flags(parser, argv):
-    """Old spellings fail in one line naming the new one; --codebook-size points to --bits."""
-    reject_renamed(parser, argv, RENAMED)
-    if any(str(a).split("=")[0] == "--codebook-size" for a in (sys.argv[1:] if argv is None else argv)):
-        parser.error("LFQ's codebook is the 2^d corners of the cube: set d with --bits "
-                     "(--bits 10 = 1,024 codes; FSQ: --levels)")
-
-
-def flag_problem(args):
-    """What is wrong with the flags beyond check_flags' table, or None (checked in this order)."""
-    if args.seed >= 2 ** 32:
-        return f"--seed must be < 2^32 (got {args.seed})"
-    if args.num_samples < 2 or 0 < args.test_limit < 4:  # the judge's Frechet distance needs N >= 2
-        return "--num-samples must be at least 2, and --test-limit 0 (all) or at least 4"
-    if args.sample_only != bool(args.ckpt):
-        return "--sample-only and --ckpt PATH go together"
-    problem = config_problem(vars(args))
-    if problem:
-        return problem
-    if args.entropy == "exact" and args.bits > EXACT_ENTROPY_MAX_BITS:
-        return (f"--entropy exact builds a 2^d table of the batch's assignment; use groups "
-                f"for d > {EXACT_ENTROPY_MAX_BITS}")
-    if args.top_k and args.quantizer == "lfq" and args.bits > FULL_SOFTMAX_MAX_BITS:
-        return (f"--top-k needs the prior's softmax head (d <= {FULL_SOFTMAX_MAX_BITS}); "
-                "above, tokens are sampled bit by bit")
-    return None
-
-
-# Model sizes a flag or a checkpoint may ask for: (lowest, highest).
-MODEL_RANGES = {"bits": (1, 24), "width": (2, 1024), "prior_width": (1, 4096),
-                "prior_layers": (1, 64), "prior_heads": (1, 64)}
-
-
-def parse_levels(levels, bits):
-    """FSQ levels from '8,5,5,5', or the paper's for --bits; ValueError with what is wrong."""
-    if not levels:
-        if bits not in FSQ_LEVELS:
-            raise ValueError("--quantizer fsq needs --levels L1,L2,... or --bits in "
-                             f"{sorted(FSQ_LEVELS)}")
-        return FSQ_LEVELS[bits]
-    try:
-        values = tuple(int(v) for v in levels.split(","))
-    except ValueError:
-        raise ValueError(f"--levels {levels!r}: give integers separated by commas, "
-                         "e.g. 8,5,5,5") from None
-    if min(values) < 3:
-        raise ValueError("FSQ levels must be at least 3 (2 levels is LFQ's sign)")
-    if math.prod(values) > 2 ** MODEL_RANGES["bits"][1]:
-        raise ValueError(f"FSQ levels {levels} make more than 2^{MODEL_RANGES['bits'][1]} codes")
-    return values
-
-
-def config_problem(cfg):
-    """What is wrong with a model configuration (flags, or a checkpoint's config), or None."""
-    for key, (lo, hi) in MODEL_RANGES.items():
-        if not lo <= cfg[key] <= hi:
-            return f"--{key.replace('_', '-')} must be in {lo}..{hi} (got {cfg[key]})"
-    if cfg["prior_width"] % cfg["prior_heads"]:
-        return "--prior-width must be a multiple of --prior-heads"
-    if cfg["quantizer"] not in ("lfq", "fsq"):
-        return f"unknown quantizer {cfg['quantizer']!r}"
-    if cfg["quantizer"] == "fsq":
-        try:
-            levels = parse_levels(cfg["levels"], cfg["bits"])
-        except ValueError as e:
-            return str(e)
-        if cfg["prior_epochs"] and math.prod(levels) > 2 ** FULL_SOFTMAX_MAX_BITS:
-            return (f"the prior over FSQ tokens is a softmax over all codes, at most "
-                    f"{2 ** FULL_SOFTMAX_MAX_BITS:,}; use --prior-epochs 0")
-    elif cfg["levels"]:
-        return "--levels is for --quantizer fsq"
-    return None
-
-
-# ============================================================ saving and loading checkpoints (lfq's own)
-
-CONFIG_TYPES = {"bits": int, "width": int, "quantizer": str, "prior_epochs": int,
-                "prior_width": int, "prior_layers": int, "prior_heads": int}
-
-
-def save_models(path, model, prior, config):
-    """model.pt with the tokenizer's weights and, when there is one, the prior's."""
-    state = {"tokenizer": model.state_dict()}
-    if prior is not None:
-        state["prior"] = prior.state_dict()
-    save_checkpoint(path, state, config)
-
-
-def load_models(path, device, top_k=0):
-    """Tokenizer and prior (or None) from a checkpoint, or one line saying what is wrong
-    (also when --top-k asks for a softmax head the checkpoint's prior does not have)."""
-    ckpt = load_checkpoint(path)
-    cfg = checkpoint_config(ckpt, CONFIG_TYPES, path)
-    if cfg.get("levels") is not None and not isinstance(cfg["levels"], str):
-        raise RunError(f"{path}: config 'levels' is {cfg['levels']!r}, not a str; "
-                       "the checkpoint is damaged")
-    cfg = {**cfg, "levels": cfg.get("levels")}
-    problem = config_problem(cfg)
-    if problem:
-        raise RunError(f"{path}: its config is refused ({problem}); the checkpoint is damaged")
-    with_prior = "prior" in ckpt["model"]
-    model, prior = build(cfg, device, with_prior)
-    load_weights(model, ckpt["model"].get("tokenizer"), path)
-    if with_prior:
-        load_weights(prior, ckpt["model"]["prior"], path)
-    if top_k and prior is not None and prior.head_kind == "bits":
-        raise RunError(f"--top-k needs a softmax head; {path} samples its {model.dim} "
-                       "bits one by one")
-    return model, prior
-
-
-# ============================================================ writing the outputs (lfq's own)
-
-@torch.no_grad()
-def write_outputs(model, prior, x_test, args, device, out):
-    """recon.png; with a prior samples.png and samples.npy. Returns (samples, labels, recons)
-    for the judge: N = --num-samples of each (recons of the first N test digits)."""
-    model.eval()
-    x = x_test[:args.num_samples]
-    recons = torch.cat([model(x[i:i + 1000].to(device))[0].clamp(0, 1).cpu()
-                        for i in range(0, len(x), 1000)])
-    # recon.png: rows of up to 16 test digits, each row followed by its reconstruction.
-    ncol = min(16, len(x_test))
-    x = x_test[:64 // ncol * ncol]
-    x_hat = model(x.to(device))[0].clamp(0, 1).cpu()
-    rows = torch.stack([x.view(-1, ncol, 1, 28, 28), x_hat.view(-1, ncol, 1, 28, 28)], 1)
-    write_png(out / "recon.png", image_grid(rows.reshape(-1, 1, 28, 28), ncol=ncol))
-    if prior is None:
-        return None, None, recons
-    samples, labels = draw_samples(model, prior, args.num_samples, args.temperature, args.top_k,
-                                   args.seed, device)
-    atomic_write(out / "samples.npy", lambda f: np.save(f, samples.numpy()))  # (N, 1, 28, 28) in [0, 1]
-    write_png(out / "samples.png", image_grid(samples, ncol=min(args.num_samples, 10)))
-    return samples, labels, recons
 
 
 if __name__ == "__main__":

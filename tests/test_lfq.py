@@ -1,6 +1,6 @@
 """Tests for lfq.py: the sign quantiser, its index convention and straight-through gradient,
-the entropy loss against brute force, FSQ, the token prior and its sampler, and the command
-line with its errors."""
+the entropy loss against brute force, FSQ, the token prior and its sampler, forward() on
+images of any size, and the command line with its outputs and errors."""
 
 import itertools
 import json
@@ -51,9 +51,10 @@ def test_straight_through_gradient_from_the_reconstruction_term_alone(levels):
     torch.manual_seed(0)
     model = lfq.Tokenizer(bits=4, width=8, levels=levels).double()
     x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
-    x_hat, z_e, z_q = model(x)
-    recon = (x_hat - x).pow(2).mean()
-    g_e, g_q = torch.autograd.grad(recon, (z_e, z_q), retain_graph=True)
+    z_e = model.encoder(x)
+    z_q = model.quantize(z_e)
+    recon = (model.decoder(z_q) - x).pow(2).mean()
+    g_e, g_q = torch.autograd.grad(recon, (z_e, z_q))
     assert g_q.abs().sum() > 0
     if levels is None:
         assert torch.equal(g_e, g_q)
@@ -63,8 +64,7 @@ def test_straight_through_gradient_from_the_reconstruction_term_alone(levels):
         shift = torch.atanh(0.5 * (L % 2 == 0) / half)
         slope = half * (1 - torch.tanh(z_e.detach() + shift) ** 2) / (L // 2)
         torch.testing.assert_close(g_e, g_q * slope)
-    model.zero_grad()
-    recon.backward()
+    model(x)[1]["recon"].backward()  # the same through forward()
     assert model.encoder[0].weight.grad.abs().sum() > 0
 
 
@@ -180,22 +180,62 @@ def test_entropy_form_choice_never_falls_back_to_per_bit():
     assert "23 = 8 + 8 + 7" in " ".join(lfq.build_parser().format_help().split())
 
 
-def test_lfq_loss_returns_every_term():
+def capture_z_e(model):
+    """z_e of the next forward(), kept with its gradient."""
+    seen = {}
+
+    def hook(module, inputs, output):
+        output.retain_grad()
+        seen["z_e"] = output
+    model.encoder.register_forward_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 28, 28), (3, 3, 8, 12)])
+def test_forward_returns_the_reconstruction_and_every_term(shape):
+    """forward on (B, C, H, W): x_hat of the same shape and each term, checked against its
+    formula: recon per pixel, commit = mean (z_e - sign z_e)^2 with its gradient through z_e
+    only (catches a missing sg[z_q]: then commit's gradient vanishes), the entropies of
+    entropy_terms over the tokens' rows; stage_one_loss adds them with the signs of the
+    docstring (catches a flipped sign on either entropy)."""
     torch.manual_seed(0)
-    x = torch.rand(2, 1, 28, 28)
-    model = lfq.Tokenizer(bits=4, width=16)
-    x_hat, z_e, z_q = model(x)
-    t = lfq.lfq_loss(x_hat, x, z_e, z_q, tau=1.0, gamma=0.5)
-    assert set(t) == {"recon", "commit", "per_sample", "batch", "entropy"}
-    assert t["entropy"].item() == pytest.approx((t["per_sample"] - 0.5 * t["batch"]).item())
-    assert t["recon"].item() == pytest.approx((x_hat - x).pow(2).mean().item())
-    # Commitment is zero exactly when z_e sits on a corner of the cube.
-    on_corner = lfq.lfq_loss(x_hat, x, z_q.detach(), z_q, tau=1.0)
-    assert on_corner["commit"].item() == 0.0
-    # The training loss combines them with beta and lambda; FSQ's is the recon alone.
-    loss, _ = lfq.stage_one_loss(model, x, 0.3, 0.7, 1.0, 0.5, (4,))
-    expected = t["recon"] + 0.3 * t["commit"] + 0.7 * t["entropy"]
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    x = torch.rand(shape, dtype=torch.float64)
+    model = lfq.Tokenizer(bits=4, width=16, channels=shape[1]).double()
+    seen = capture_z_e(model)
+    x_hat, t = model(x, tau=0.7, groups=(4,))
+    z_e = seen["z_e"]
+    assert x_hat.shape == x.shape and set(t) == {"recon", "commit", "per_sample", "batch"}
+    assert z_e.shape == (shape[0], 4, shape[2] // 4, shape[3] // 4)
+    torch.testing.assert_close(t["recon"], (x_hat - x).pow(2).mean())
+    s = torch.where(z_e > 0, 1.0, -1.0).double()
+    torch.testing.assert_close(t["commit"], (z_e - s).pow(2).mean())
+    rows = z_e.detach().permute(0, 2, 3, 1).reshape(-1, 4)
+    per_sample, batch = lfq.entropy_terms(rows, 0.7, 4)
+    torch.testing.assert_close(t["per_sample"], per_sample)
+    torch.testing.assert_close(t["batch"], batch)
+    t["commit"].backward(retain_graph=True)
+    torch.testing.assert_close(z_e.grad, 2 * (z_e - s).detach() / z_e.numel())
+    loss = lfq.stage_one_loss(t, beta=0.3, entropy_weight=0.7, gamma=0.5)
+    expected = t["recon"] + 0.3 * t["commit"] + 0.7 * (t["per_sample"] - 0.5 * t["batch"])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    # FSQ: the reconstruction is the whole loss.
+    fsq = lfq.Tokenizer(bits=4, width=16, levels=(5, 3), channels=shape[1]).double()
+    x_hat, t = fsq(x)
+    assert x_hat.shape == x.shape and set(t) == {"recon"} and lfq.stage_one_loss(t) is t["recon"]
+
+
+def test_entropy_terms_pull_the_right_way():
+    """The signs of L_ent, by their gradients: minimising it makes each latent surer (the
+    per-sample entropy falls) and the batch more spread (the batch entropy rises). Catches
+    a sign flipped in stage_one_loss, which the value check alone reads the same way."""
+    torch.manual_seed(1)
+    z = (0.3 * torch.randn(64, 3, dtype=torch.float64) + 0.2).requires_grad_(True)
+    before = lfq.entropy_terms(z.detach(), 1.0, 3)
+    terms = dict(zip(("per_sample", "batch"), lfq.entropy_terms(z, 1.0, 3)), recon=torch.zeros(()),
+                 commit=torch.zeros(()))
+    lfq.stage_one_loss(terms, beta=0.0, entropy_weight=1.0, gamma=1.0).backward()
+    after = lfq.entropy_terms(z.detach() - 0.05 * z.grad, 1.0, 3)
+    assert after[0] < before[0] and after[1] > before[1]
 
 
 # ----------------------------------------------------------------------------- FSQ, the sibling
@@ -267,18 +307,22 @@ def test_fsq_levels_are_a_buffer_not_rebuilt_per_call(monkeypatch):
 def test_tokens_carry_the_whole_code_and_evaluation_counts_them(levels):
     """Catches an index convention that the decoder side reads differently from the encoder
     side (decode_tokens(encode(x)) must be exactly the decoder applied to z_q), and
-    evaluation figures computed from anything but those tokens and reconstructions."""
+    evaluation figures computed from anything but those tokens, reconstructions and the
+    prior's NLL of every test image (in batches that do not divide N)."""
     torch.manual_seed(0)
     model = lfq.Tokenizer(bits=6, width=8, levels=levels).eval()
-    x = torch.rand(20, 1, 28, 28)
+    prior = lfq.TokenPrior(model.codebook_size, 49, 10, width=16, layers=1, heads=2, levels=levels)
+    x, y = torch.rand(20, 1, 28, 28), torch.arange(20) % 10
     with torch.no_grad():
         model.decoder[-1].bias.fill_(0.5)  # outputs inside (0, 1): no clamp hides a difference
         x_hat = model(x)[0].clamp(0, 1)
-        tokens = lfq.encode_tokens(model, x, "cpu", batch_size=7)                   # (N, 7, 7)
+        tokens = model.encode(x)                                                    # (N, 7, 7)
         torch.testing.assert_close(model.decode_tokens(tokens), x_hat, rtol=0, atol=1e-6)
-    metrics, test_tokens = lfq.evaluate_tokenizer(model, x, "cpu", batch_size=6)
+        nll = lfq.prior_nll(prior.eval(), tokens.flatten(1), y).item()
+    metrics, test_tokens = lfq.evaluate(model, prior, x, y, "cpu", batch_size=6)
     assert torch.equal(test_tokens, tokens)
     assert metrics["test_recon_mse"] == pytest.approx((x_hat - x).pow(2).mean().item(), rel=1e-5)
+    assert metrics["test_prior_nll_bits"] == pytest.approx(nll * 49 / math.log(2), rel=1e-5)
     counts = np.bincount(tokens.flatten().numpy(), minlength=model.codebook_size)
     p = counts[counts > 0] / counts.sum()
     assert metrics["codes_used"] == (counts > 0).sum() and metrics["codebook_size"] == len(counts)
@@ -396,14 +440,14 @@ def test_sampled_token_frequencies_follow_the_prior(K):
 
 # ----------------------------------------------------------------------------- training
 
-def test_losses_fall_on_a_fixed_batch(mnist_dir):
+def test_losses_fall_on_a_fixed_batch(tiny_mnist_dir):
     torch.manual_seed(0)
-    x = lfq.mnist_tensors(mnist_dir, "test", 32)[0]
+    x = lfq.load_images("mnist", tiny_mnist_dir, "test")[0]  # 32 real digits
     model = lfq.Tokenizer(bits=6, width=16)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     first = None
     for _ in range(40):
-        loss, _ = lfq.stage_one_loss(model, x, 0.25, 0.1, 1.0, 1.0, (6,))
+        loss = lfq.stage_one_loss(model(x, 1.0, (6,))[1], 0.25, 0.1, 1.0)
         first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
@@ -431,39 +475,50 @@ SMALL = ["--steps", "3", "--batch-size", "16", "--width", "16", "--prior-width",
 def test_cli_smoke_run_writes_every_output_and_sample_only_reloads(tiny_mnist_dir, tmp_path, capsys):
     out = tmp_path / "run"
     metrics = lfq.main(["--data-dir", str(tiny_mnist_dir), "--out", str(out), "--bits", "6"] + SMALL)
-    for name in ("model.pt", "metrics.json", "samples.png", "samples.npy", "recon.png"):
-        assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == saved == metrics
-    assert saved["steps_stage1"] == 3 and saved["steps_stage2"] == 3
+    assert saved["steps"] == 6 and saved["steps_stage1"] == 3 and saved["steps_stage2"] == 3
     assert saved["bits_per_image"] == 49 * 6 and saved["codebook_size"] == 64
     assert 0 < saved["codebook_usage"] <= 1 and 1 <= saved["codebook_perplexity"] <= 64
-    assert saved["test_prior_nll_bits"] > 0
-    # The judge ran, with N = --num-samples, and --steps bounded its training.
-    assert saved["judge_n"] == 4 and (tmp_path / "digit_judge_3steps.pt").is_file()
-    for key in ("sample_fd", "sample_score", "sample_label_match", "recon_fd", "anchor_real_fd"):
-        assert key in saved, key
-    samples = np.load(out / "samples.npy")
-    assert samples.shape == (4, 1, 28, 28) and samples.min() >= 0 and samples.max() <= 1
+    assert saved["test_prior_nll_bits"] > 0 and saved["train_seconds"] >= 0 and saved["device"] == "cpu"
+    for name in ("model.pt", "samples.png", "recon.png"):
+        assert (out / name).is_file(), name
+    samples, recon = np.load(out / "samples.npy"), np.load(out / "recon.npy")
+    assert samples.shape == (4, 1, 28, 28) and samples.dtype == np.float32
+    assert samples.min() >= 0 and samples.max() <= 1
+    assert np.array_equal(np.load(out / "sample_labels.npy"), np.arange(4))
+    assert recon.shape == (32, 1, 28, 28) and recon.min() >= 0 and recon.max() <= 1
 
-    again = lfq.main(["--data-dir", str(tiny_mnist_dir), "--out", str(out),
-                      "--sample-only", "--ckpt", str(out / "model.pt"), "--steps", "3",
+    # --sample-only writes beside the training run (sample_only/), never over it.
+    again = lfq.main(["--data-dir", str(tiny_mnist_dir), "--sample-only", "--ckpt", str(out / "model.pt"),
                       "--num-samples", "4", "--test-limit", "32"])
     assert again["test_recon_mse"] == pytest.approx(saved["test_recon_mse"], rel=1e-5)
     assert again["test_prior_nll_bits"] == pytest.approx(saved["test_prior_nll_bits"], rel=1e-5)
-    # Same seed, same samples; written to eval_metrics.json, never over metrics.json.
-    assert np.array_equal(np.load(out / "samples.npy"), samples)
-    assert json.loads((out / "eval_metrics.json").read_text()) == again
+    assert np.array_equal(np.load(out / "sample_only" / "samples.npy"), samples)  # same seed, same samples
+    assert np.array_equal(np.load(out / "sample_only" / "recon.npy"), recon)
     assert json.loads((out / "metrics.json").read_text()) == saved
+    before = (out / "samples.npy").read_bytes()
+    says = one_line_error(["--data-dir", str(tiny_mnist_dir), "--sample-only", "--ckpt", str(out / "model.pt"),
+                           "--out", str(out)])
+    assert "model.pt" in says and (out / "samples.npy").read_bytes() == before
+
+
+def test_recon_grid_takes_any_number_of_test_images(tiny_mnist_dir, tmp_path):
+    """lfq.py --test-limit 50 crashed after training (a grid of 64 // 16 rows of 16 cut
+    from 50 images): any --test-limit from 17 to 63 that is not a multiple of 16."""
+    out = tmp_path / "t20"
+    m = lfq.main(["--data-dir", str(tiny_mnist_dir), "--out", str(out), "--bits", "6", "--prior-epochs", "0"]
+                 + SMALL[:-2] + ["--test-limit", "20"])
+    assert m["test_images"] == 20 and (out / "metrics.json").is_file() and (out / "recon.png").is_file()
+    assert np.load(out / "recon.npy").shape == (20, 1, 28, 28)
 
 
 def test_stage_one_only_run_with_an_odd_number_of_bits(tiny_mnist_dir, tmp_path):
     out = tmp_path / "s1"
     m = lfq.main(["--data-dir", str(tiny_mnist_dir), "--out", str(out), "--bits", "17",
                   "--prior-epochs", "0"] + SMALL)
-    assert m["codebook_size"] == 2 ** 17 and m["steps_stage2"] == 0 and "recon_fd" in m
-    assert "test_prior_nll_bits" not in m and (out / "recon.png").is_file()
-    assert not (out / "samples.png").exists()
+    assert m["codebook_size"] == 2 ** 17 and m["steps_stage2"] == 0 and (out / "recon.npy").is_file()
+    assert "test_prior_nll_bits" not in m and not (out / "samples.png").exists()
 
 
 def test_cli_fsq_run_and_reload(tiny_mnist_dir, tmp_path):
@@ -475,9 +530,29 @@ def test_cli_fsq_run_and_reload(tiny_mnist_dir, tmp_path):
     assert 0 < m["codes_used"] <= 240 and m["test_prior_nll_bits"] > 0
     assert np.load(out / "samples.npy").shape == (4, 1, 28, 28)
     again = lfq.main(["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path / "again"),
-                      "--sample-only", "--ckpt", str(out / "model.pt")] + SMALL[:2] + SMALL[-4:])
+                      "--sample-only", "--ckpt", str(out / "model.pt")] + SMALL[-4:])
     assert again["test_recon_mse"] == pytest.approx(m["test_recon_mse"], rel=1e-5)
     assert again["codebook_size"] == 240
+
+
+@pytest.mark.parametrize("shape", [(40, 3, 12, 8), (40, 16, 20)])
+def test_own_images_of_another_size(tmp_path, shape):
+    """A user's unlabelled .npy, (N, C, H, W) with C = 3 or (N, H, W): the model takes C, H, W
+    from the data, the prior is unconditional (no sample_labels.npy), samples have its shape."""
+    data = tmp_path / "mine.npy"
+    np.save(data, np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
+    out = tmp_path / "out"
+    m = lfq.main(["--data", str(data), "--out", str(out), "--steps", "2", "--batch-size", "8", "--width", "8",
+                  "--prior-width", "16", "--prior-layers", "1", "--num-samples", "3"])
+    c, h, w = (1,) + shape[1:] if len(shape) == 3 else shape[1:]
+    assert np.load(out / "samples.npy").shape == (3, c, h, w)
+    assert np.load(out / "recon.npy").shape == (4, c, h, w)                    # the last tenth
+    assert m["bits_per_image"] == (h // 4) * (w // 4) * 10 and m["test_prior_nll_bits"] > 0
+    assert not (out / "sample_labels.npy").exists()
+    model, config = lfq.load_checkpoint(out / "model.pt", lfq.build)
+    assert config["image_shape"] == [c, h, w] and config["num_classes"] == 0
+    tokens = model["prior"](torch.zeros(2, (h // 4) * (w // 4), dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    assert tokens.shape == (2, (h // 4) * (w // 4), 1024)                       # the prior's logits
 
 
 @pytest.mark.parametrize("argv,says", [
@@ -486,19 +561,16 @@ def test_cli_fsq_run_and_reload(tiny_mnist_dir, tmp_path):
     (["--gamma", "-1"], "--gamma"), (["--tau", "0"], "--tau"), (["--temperature", "0"], "--temperature"),
     (["--top-k", "-1"], "--top-k"), (["--epochs", "0"], "--epochs"), (["--prior-epochs", "-1"], "--prior-epochs"),
     (["--steps", "-1"], "--steps"), (["--batch-size", "0"], "--batch-size"), (["--width", "1"], "--width"),
-    (["--num-samples", "0"], "--num-samples"), (["--num-samples", "1"], "--num-samples"),
-    (["--test-limit", "-1"], "--test-limit"), (["--test-limit", "3"], "--test-limit"),
+    (["--num-samples", "0"], "--num-samples"), (["--test-limit", "-1"], "--test-limit"),
     (["--seed", "-1"], "--seed"), (["--bits", "0"], "--bits"), (["--bits", "25"], "--bits"),
     (["--prior-heads", "0"], "--prior-heads"), (["--prior-width", "30"], "multiple of --prior-heads"),
     (["--prior-layers", "0"], "--prior-layers"),
-    (["--entropy", "exact", "--bits", "21"], "exact"), (["--top-k", "5", "--bits", "13"], "--top-k"),
     (["--sample-only"], "--ckpt"), (["--ckpt", "x.pt"], "--sample-only"),
-    (["--commit-weight", "0.3"], "now spelled --beta"), (["--prior-dim=64"], "now spelled --prior-width"),
-    (["--codebook-size", "1024"], "--bits"),
+    (["--sample-only", "--ckpt", "x.pt", "--bits", "8"], "--bits"),
+    (["--sample-only", "--ckpt", "x.pt", "--quantizer", "fsq", "--prior-width", "64"], "--quantizer, --prior-width"),
     (["--quantizer", "fsq", "--bits", "11"], "--levels"), (["--quantizer", "fsq", "--levels", "2,5"], "at least 3"),
-    (["--quantizer", "fsq", "--levels", "8,x"], "integers"), (["--levels", "8,5,5,5"], "--quantizer fsq"),
+    (["--quantizer", "fsq", "--levels", "8,x"], "--levels"), (["--levels", "8,5,5,5"], "--quantizer fsq"),
     (["--quantizer", "fsq", "--bits", "16"], "--prior-epochs 0"),   # a softmax over 64,000 codes
-    (["--quantizer", "fsq", "--levels", "9999,9999", "--prior-epochs", "0"], "codes"),
 ])
 def test_bad_flags_are_refused_in_one_line(argv, says, capsys):
     with pytest.raises(SystemExit) as e:
@@ -508,12 +580,19 @@ def test_bad_flags_are_refused_in_one_line(argv, says, capsys):
     assert err[0].startswith("usage: ") and says in err[-1], err
 
 
+def test_help_shows_every_default():
+    text = " ".join(lfq.build_parser().format_help().split())
+    for flag in ("--epochs", "--batch-size", "--lr", "--bits", "--num-samples", "--data"):
+        assert f"{flag} " in text
+    assert text.count("(default:") >= 25 and "23 = 8 + 8 + 7" in text
+
+
 def small_checkpoint(path, **change):
-    """A valid (untrained) lfq checkpoint of a tiny model, without training one."""
-    args = lfq.parse_args(["--bits", "6"] + SMALL)
-    model, prior = lfq.build(vars(args), "cpu", True)
-    config = {**vars(args), **change}
-    lfq.save_checkpoint(path, {"tokenizer": model.state_dict(), "prior": prior.state_dict()}, config)
+    """A valid (untrained) lfq checkpoint of a tiny model on 28 x 28 digits, without training."""
+    config = {"bits": 6, "width": 16, "levels": [], "image_shape": [1, 28, 28], "num_classes": 10,
+              "prior": True, "prior_width": 32, "prior_layers": 1, "prior_heads": 4}
+    model = lfq.build(config)
+    lfq.save_checkpoint(path, {**config, **change}, model.state_dict())
     return path
 
 
@@ -528,43 +607,46 @@ def one_line_error(argv):
 def test_bad_files_and_states_give_one_line_errors(tmp_path, tiny_mnist_dir):
     data = ["--data-dir", str(tiny_mnist_dir), "--test-limit", "16", "--num-samples", "4"]
     out = ["--out", str(tmp_path / "out")]
-    assert "not found" in one_line_error(["--sample-only", "--ckpt", str(tmp_path / "missing.pt")] + data + out)
-    foreign = tmp_path / "other.pt"
-    torch.save({"script": "vqvae", "model": {}, "config": {}}, foreign)
-    assert "not of lfq.py" in one_line_error(["--sample-only", "--ckpt", str(foreign)] + data + out)
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint at all")
-    assert "not a readable checkpoint" in one_line_error(["--sample-only", "--ckpt", str(garbage)] + data + out)
-    # Right script, broken config: a wrong type, a value out of range, a missing key.
-    for name, change, says in (("type", {"bits": "ten"}, "'bits'"), ("range", {"bits": 99}, "--bits"),
-                               ("missing", {"prior_width": None}, "'prior_width'"),
-                               ("heads", {"prior_heads": 5}, "multiple")):
-        ckpt = small_checkpoint(tmp_path / f"{name}.pt", **change)
-        assert says in one_line_error(["--sample-only", "--ckpt", str(ckpt)] + data + out)
-    # Right script and config, weights of another shape.
-    ckpt = small_checkpoint(tmp_path / "weights.pt", width=32)
-    assert "weights do not fit" in one_line_error(["--sample-only", "--ckpt", str(ckpt)] + data + out)
-    assert not (tmp_path / "out" / "eval_metrics.json").exists()
+    assert "MNIST not found" in one_line_error(["--data-dir", str(tmp_path)] + out)
+    for name, content in (("missing.pt", None), ("garbage.pt", b"not a checkpoint at all")):
+        if content:
+            (tmp_path / name).write_bytes(content)
+        assert "not a usable lfq.py checkpoint" in one_line_error(
+            ["--sample-only", "--ckpt", str(tmp_path / name)] + data + out)
+    torch.save({"script": "vqvae", "model": {}, "config": {}}, tmp_path / "other.pt")
+    assert "not written by lfq.py" in one_line_error(["--sample-only", "--ckpt", str(tmp_path / "other.pt")] + data + out)
+    good = small_checkpoint(tmp_path / "good.pt")
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:2000])
+    # Truncated; a config of the wrong type, with a key missing, of another model (weights do not fit).
+    for name, change in (("type", {"bits": "ten"}), ("missing", {"prior_width": None}), ("weights", {"width": 32})):
+        small_checkpoint(tmp_path / f"{name}.pt", **change)
+    for name in ("cut", "type", "missing", "weights"):
+        assert "not a usable" in one_line_error(["--sample-only", "--ckpt", str(tmp_path / f"{name}.pt")] + data + out)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    # Images of another size than the checkpoint's.
+    np.save(tmp_path / "big.npy", np.zeros((20, 32, 32), np.uint8))
+    assert "[1, 28, 28]" in one_line_error(["--sample-only", "--ckpt", str(good), "--data", str(tmp_path / "big.npy")] + out)
     # --out naming a file; a batch larger than the training set (64 images): nothing written.
     (tmp_path / "file").write_text("mine")
-    assert "is a file" in one_line_error(SMALL + ["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path / "file")])
+    assert "File exists" in one_line_error(SMALL + ["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path / "file")])
     assert (tmp_path / "file").read_text() == "mine"
     big = ["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path / "big"), "--batch-size", "65"]
     assert "larger than the training set" in one_line_error(big)
     assert list((tmp_path / "big").iterdir()) == []
+    np.save(tmp_path / "odd.npy", np.zeros((20, 30, 28), np.uint8))
+    assert "multiples of 4" in one_line_error(["--data", str(tmp_path / "odd.npy")] + out)
 
 
-def test_sample_only_top_k_is_refused_for_a_per_bit_head(tmp_path, tiny_mnist_dir):
+def test_top_k_is_refused_for_a_per_bit_head(tmp_path, tiny_mnist_dir):
     """Above 2^12 codes the prior samples bit by bit, so --top-k over codes has no meaning:
-    --sample-only --top-k on such a checkpoint is refused in one line, nothing written.
-    Catches the refusal dropped from load_models (top-k silently ignored)."""
-    args = lfq.parse_args(["--bits", "13"] + SMALL)
-    model, prior = lfq.build(vars(args), "cpu", True)
-    assert prior.head_kind == "bits"
-    ckpt = tmp_path / "bits13.pt"
-    lfq.save_checkpoint(ckpt, {"tokenizer": model.state_dict(), "prior": prior.state_dict()}, vars(args))
-    data = ["--data-dir", str(tiny_mnist_dir), "--test-limit", "16", "--num-samples", "4"]
+    refused in one line, when training and with --sample-only, before anything is written.
+    Catches the refusal dropped (top-k silently ignored)."""
+    config = {"bits": 13, "width": 8, "levels": [], "image_shape": [1, 28, 28], "num_classes": 10,
+              "prior": True, "prior_width": 16, "prior_layers": 1, "prior_heads": 2}
+    assert lfq.build(config)["prior"].head_kind == "bits"
+    lfq.save_checkpoint(tmp_path / "bits13.pt", config, lfq.build(config).state_dict())
+    data = ["--data-dir", str(tiny_mnist_dir), "--test-limit", "16", "--num-samples", "4", "--top-k", "5"]
     out = tmp_path / "out"
-    argv = ["--sample-only", "--ckpt", str(ckpt), "--out", str(out)] + data
-    assert "--top-k needs a softmax head" in one_line_error(argv + ["--top-k", "5"])
-    assert not (out / "eval_metrics.json").exists()
+    assert "--top-k" in one_line_error(["--sample-only", "--ckpt", str(tmp_path / "bits13.pt"), "--out", str(out)] + data)
+    assert "--top-k" in one_line_error(["--bits", "13", "--batch-size", "16", "--out", str(out)] + data)
+    assert not (out / "metrics.json").exists() and not (out / "model.pt").exists()
