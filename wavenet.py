@@ -55,7 +55,7 @@ SAMPLE_RATE = 8000
 Q = 256  # mu-law classes
 
 
-# ============================================================================ the method: mu-law
+# ============================================================ the method: mu-law
 
 def mu_law_encode(x, mu=Q - 1):
     """Waveform in [-1, 1] -> classes 0..mu:  y = sign(x) ln(1 + mu|x|) / ln(1 + mu),
@@ -71,7 +71,7 @@ def mu_law_decode(q, mu=Q - 1):
     return torch.sign(y) * torch.expm1(y.abs() * math.log1p(mu)) / mu
 
 
-# ============================================================================ the model: dilated causal convolutions
+# ============================================================ the model: dilated causal convolutions
 
 class CausalConv1d(nn.Conv1d):
     """Conv1d whose output at t sees inputs t - (k-1) d .. t: pad (k-1) d zeros on the left."""
@@ -149,11 +149,12 @@ class WaveNet(nn.Module):
             skips = skips + skip  # (B, S, T)
         return self.head(skips)
 
-    def forward(self, x, digit=None, speaker=None):  # x (B, T) classes -> (B, Q, T)
+    def forward(self, x, digit=None, speaker=None):
+        """Logits (B, Q, T) for classes x (B, T): logit t scores x_t given x_<t and h."""
         return self.forward_embedded(self.embed(x).transpose(1, 2), self.condition(digit, speaker))
 
 
-# ============================================================================ the objective
+# ============================================================ the objective
 
 def nll_loss(logits, x, mask=None):
     """-log P(x_t | x_<t, h) averaged over the (unmasked) samples, in nats."""
@@ -163,7 +164,7 @@ def nll_loss(logits, x, mask=None):
     return (nll * mask).sum() / mask.sum().clamp(min=1)
 
 
-# ============================================================================ sampling: the fast cached generator
+# ============================================================ sampling: the fast cached generator
 
 class FastGenerator:
     """Paine et al. (2016): generate with per-layer queues instead of recomputation.
@@ -276,11 +277,11 @@ def naive_generate(model, digit, speaker, n, temperature=1.0, seed=0):
     return x
 
 
-# ============================================================================ the experiment: data
+# ============================================================ the experiment: data
 
 FSDD_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)\.wav$")  # {digit}_{speaker}_{index}.wav
-FSDD_HINT = ("a folder of mono 16-bit 8 kHz wav files named {digit}_{speaker}_{index}.wav, "
-             "such as FSDD's recordings/ (git clone github.com/Jakobovski/free-spoken-digit-dataset)")
+FSDD_HINT = ("a folder of mono 16-bit 8 kHz wav files named {digit}_{speaker}_{index}.wav, such "
+             "as FSDD's recordings/ (git clone github.com/Jakobovski/free-spoken-digit-dataset)")
 
 
 def read_wav(path):
@@ -306,11 +307,13 @@ def load_fsdd(data_dir):
     for path in files:
         m = FSDD_NAME.match(path.name)
         if m is None:
-            raise RunError(f"{path}: not named {{digit}}_{{speaker}}_{{index}}.wav; --data-dir takes {FSDD_HINT}")
+            raise RunError(f"{path}: not named {{digit}}_{{speaker}}_{{index}}.wav; --data-dir takes "
+                           + FSDD_HINT)
         classes = mu_law_encode(read_wav(path)).to(torch.uint8).numpy()
         (test if int(m[3]) < 5 else train).append((classes, int(m[1]), m[2]))
     if not train or not test:
-        raise RunError(f"--data-dir {data_dir}: needs recordings with index 0-4 (test) and 5 or more (train)")
+        raise RunError(f"--data-dir {data_dir}: needs recordings with index 0-4 (test) and 5 or "
+                       "more (train)")
     return train, test
 
 
@@ -356,7 +359,7 @@ def random_crops(data, batch_size, crop, rng, speakers):
             torch.from_numpy(mask))
 
 
-# ============================================================================ the experiment: training and evaluation
+# ============================================================ the experiment: training and evaluation
 
 def cosine_lr(step, total, warmup=0):
     """Learning-rate multiplier: linear warm-up, then cosine decay to zero. Most of the
@@ -379,7 +382,8 @@ def train(model, data, speakers, device, steps, batch_size=8, crop=2000, lr=2e-3
         lr_now = lr * cosine_lr(step, steps, warmup)
         for group in opt.param_groups:
             group["lr"] = lr_now
-        x, digit, speaker, mask = (t.to(device) for t in random_crops(data, batch_size, crop, rng, speakers))
+        crops = random_crops(data, batch_size, crop, rng, speakers)
+        x, digit, speaker, mask = (t.to(device) for t in crops)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x, digit, speaker)  # (B, Q, T); the loss is computed in fp32
         loss = nll_loss(logits, x, mask)
@@ -420,7 +424,7 @@ def evaluate(model, test, speakers, device, max_tokens=1 << 14):
     return total_nats / count / math.log(2), count
 
 
-# ============================================================================ the experiment: outputs
+# ============================================================ the experiment: outputs
 
 def write_wav(path, rows, gap=0.25):
     """int16 rows (each (T,)) -> one mono 8 kHz wav, `gap` seconds of silence between rows."""
@@ -450,7 +454,8 @@ def spectrogram_picture(rows, db_range=80.0):
     log spectrograms, low frequencies at the bottom, the loudest bin white and
     everything db_range dB below it black."""
     ncol, length = max(len(row) for row in rows), max(len(a) for row in rows for a in row)
-    clips = [np.pad(a, (0, length - len(a))) for row in rows for a in row + [np.zeros(0, np.float32)] * (ncol - len(row))]
+    rows = [row + [np.zeros(0, np.float32)] * (ncol - len(row)) for row in rows]  # silence fills
+    clips = [np.pad(a, (0, length - len(a))) for row in rows for a in row]
     tiles = log_spectrogram(torch.from_numpy(np.stack(clips))).flip(1)  # (N, F, frames)
     db = 10 / math.log(10) * tiles                                     # natural log -> dB
     img = ((db - db.max() + db_range) / db_range).clamp(0, 1)[:, None]  # (N, 1, F, frames)
@@ -470,24 +475,24 @@ def write_samples(out, classes, digit, test, voice):
     rows = []
     for d in sorted(set(digit.tolist())):
         write_wav(out / f"samples_digit{d}.wav", pcm[digit == d])
-        real = ([c for c, dd, s in test if dd == d and s == voice] or [c for c, dd, _ in test if dd == d]
-                or [np.full(1, Q // 2)])
+        real = ([c for c, dd, s in test if dd == d and s == voice]
+                or [c for c, dd, _ in test if dd == d] or [np.full(1, Q // 2)])
         rows.append([mu_law_decode(real[0].astype(np.int64)).numpy()] + list(audio[digit == d]))
     write_png(out / "spectrograms.png", spectrogram_picture(rows))
 
 
-# ============================================================================ main
+# ============================================================ main
 
 MODEL_FLAGS = ("channels", "skip_channels", "cond_channels", "stacks", "max_dilation", "condition")
 TRAIN_FLAGS = ("steps", "batch_size", "crop", "lr", "warmup", "bf16")
 
 
 def parse_args(argv=None):
-    power_of_two = checked(int, lambda v: 0 < v <= 1 << 16 and not v & (v - 1), "a power of 2 up to 65536")
+    power_of_two = checked(int, lambda v: 0 < v <= 1 << 16 and not v & (v - 1), "a power of 2 <= 65536")
     seconds = checked(float, lambda v: 1 <= round(v * SAMPLE_RATE) and v < math.inf,
                       f"at least one sample (1/{SAMPLE_RATE} s)")
     p = argparse.ArgumentParser(description="WaveNet on raw 8 kHz audio, conditioned on the spoken "
-                                "digit: trains, reports test bits/sample, writes one wav per digit.",
+                                "digit: trains, reports test bits/sample, writes a wav per digit.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("--data", choices=["fsdd", "tones"], default="fsdd",
@@ -495,7 +500,7 @@ def parse_args(argv=None):
     add("--data-dir", default=str(Path(__file__).resolve().parent / "data" / "fsdd" / "recordings"),
         help="folder of mono 16-bit 8 kHz wav files named {digit}_{speaker}_{index}.wav "
         "(index 0-4: test), e.g. FSDD's recordings/")
-    add("--out", help="output folder; None: runs/wavenet, or <ckpt folder>/sample_only with --sample-only")
+    add("--out", help="output folder; None: runs/wavenet, or <ckpt folder>/sample_only")
     add("--steps", type=positive_int, default=2400, help="optimizer steps")
     add("--batch-size", type=positive_int, default=8, help="crops per step")
     add("--crop", type=positive_int, default=2000, help="samples per training crop")
@@ -515,8 +520,9 @@ def parse_args(argv=None):
     add("--num-samples", type=positive_int, default=10, help="generated streams, digit i mod 10")
     add("--gen-seconds", type=seconds, default=1.0, help="length of each sample")
     add("--temperature", type=positive_float, default=1.0, help="softmax temperature")
-    add("--speaker", default="jackson", help="voice of the samples (a speaker of the training data)")
-    add("--test-limit", type=nonnegative_int, default=0, help="evaluate on the first N test recordings (0: all)")
+    add("--speaker", default="jackson", help="voice of the samples (a training speaker)")
+    add("--test-limit", type=nonnegative_int, default=0,
+        help="evaluate on the first N test recordings (0: all)")
     add("--sample-only", action="store_true", help="load --ckpt, evaluate and sample; no training")
     add("--ckpt", help="checkpoint to load with --sample-only")
     args = p.parse_args(argv)
@@ -525,7 +531,7 @@ def parse_args(argv=None):
     if args.sample_only != (args.ckpt is not None):
         p.error("--sample-only and --ckpt PATH go together")
     if args.sample_only and given:
-        p.error(f"{', '.join(given)}: --sample-only trains nothing and rebuilds the model from the checkpoint")
+        p.error(f"{', '.join(given)}: --sample-only trains nothing; the model comes from the checkpoint")
     if args.out is None:
         args.out = str(Path(args.ckpt).parent / "sample_only") if args.sample_only else f"runs/{SCRIPT}"
     return args
@@ -539,10 +545,52 @@ def model_config(args, speakers):
 
 
 def build_model(config):
-    return WaveNet(config["channels"], config["skip_channels"], config["stacks"], config["max_dilation"],
-                   n_digits=0 if config["condition"] == "none" else 10,
-                   n_speakers=len(config["speakers"]) if config["condition"] == "digit+speaker" else 0,
+    cond = config["condition"]
+    return WaveNet(config["channels"], config["skip_channels"], config["stacks"],
+                   config["max_dilation"], n_digits=0 if cond == "none" else 10,
+                   n_speakers=len(config["speakers"]) if cond == "digit+speaker" else 0,
                    cond_channels=config["cond_channels"])
+
+
+def trained_model(args, train_set, test, device, out):
+    """(model, speakers it knows, training seconds): trained and saved to model.pt, or with
+    --sample-only loaded from --ckpt."""
+    if args.sample_only:
+        model, config = load_checkpoint(args.ckpt, build_model)
+        if {s for _, _, s in test} - set(config["speakers"]):
+            raise RunError(f"{args.ckpt} was trained on other speakers; pass the --data it was "
+                           "trained on")
+    else:
+        config = model_config(args, sorted({s for _, _, s in train_set}))
+        model = build_model(config)
+    model, r = model.to(device), model.receptive_field()
+    print(f"{len(train_set)} train / {len(test)} test recordings, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"receptive field {r} samples ({1000 * r / SAMPLE_RATE:.0f} ms)", flush=True)
+    start = time.time()
+    if not args.sample_only:
+        train(model, train_set, config["speakers"], device, args.steps, args.batch_size, args.crop,
+              args.lr, args.warmup, args.seed, args.bf16)
+        save_checkpoint(out / "model.pt", config, model.state_dict())
+    return model, config["speakers"], time.time() - start
+
+
+def draw_samples(model, speakers, test, args, device, out):
+    """--num-samples streams (digit i mod 10, one voice) in one batch; writes them; returns
+    the generation's numbers."""
+    if args.speaker not in speakers:
+        print(f"--speaker {args.speaker} is not a training speaker; the samples use {speakers[0]}",
+              file=sys.stderr)
+    digit = torch.arange(args.num_samples, device=device) % 10
+    speaker = torch.full_like(digit, speakers.index(args.speaker) if args.speaker in speakers else 0)
+    start = time.time()
+    classes = generate(model, digit, speaker, round(args.gen_seconds * SAMPLE_RATE),
+                       args.temperature, args.seed).cpu()  # (N, T)
+    seconds = time.time() - start
+    write_samples(out, classes, digit, test, args.speaker)
+    return {"gen_streams": len(classes), "gen_seconds_of_audio_each": classes.shape[1] / SAMPLE_RATE,
+            "gen_wall_seconds": round(seconds, 2),
+            "gen_samples_per_second": round(classes.numel() / seconds, 1)}
 
 
 def run(args):
@@ -554,42 +602,16 @@ def run(args):
     out.mkdir(parents=True, exist_ok=True)
     train_set, test = make_tones() if args.data == "tones" else load_fsdd(args.data_dir)
     test = test[:args.test_limit or None]
-    if args.sample_only:
-        model, config = load_checkpoint(args.ckpt, build_model)
-        if {s for _, _, s in test} - set(config["speakers"]):
-            raise RunError(f"{args.ckpt} was trained on other speakers; pass the --data it was trained on")
-    else:
-        config = model_config(args, sorted({s for _, _, s in train_set}))
-        model = build_model(config)
-    model, speakers = model.to(device), config["speakers"]
-    r = model.receptive_field()
-    print(f"{len(train_set)} train / {len(test)} test recordings, {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters, receptive field {r} samples ({1000 * r / SAMPLE_RATE:.0f} ms)", flush=True)
+    model, speakers, train_seconds = trained_model(args, train_set, test, device, out)
     start = time.time()
-    if not args.sample_only:
-        train(model, train_set, speakers, device, args.steps, args.batch_size, args.crop, args.lr,
-              args.warmup, args.seed, args.bf16)
-        save_checkpoint(out / "model.pt", config, model.state_dict())
-    train_seconds, start = time.time() - start, time.time()
     bits, count = evaluate(model, test, speakers, device)
+    r = model.receptive_field()
     metrics = {"test_nll_bits_per_sample": round(bits, 4), "test_recordings": len(test),
                "test_samples": count, "eval_seconds": round(time.time() - start, 1),
                "receptive_field_samples": r, "receptive_field_ms": 1000 * r / SAMPLE_RATE,
                "parameters": sum(p.numel() for p in model.parameters())}
-    if args.speaker not in speakers:
-        print(f"--speaker {args.speaker} is not in the training data; the samples use {speakers[0]}",
-              file=sys.stderr)
-    # Samples: --num-samples streams, digit i mod 10, one voice, in one batch.
-    digit = torch.arange(args.num_samples, device=device) % 10
-    speaker = torch.full_like(digit, speakers.index(args.speaker) if args.speaker in speakers else 0)
-    start = time.time()
-    classes = generate(model, digit, speaker, round(args.gen_seconds * SAMPLE_RATE), args.temperature,
-                       args.seed).cpu()  # (N, T)
-    seconds = time.time() - start
-    write_samples(out, classes, digit, test, args.speaker)
-    metrics.update(gen_streams=len(classes), gen_seconds_of_audio_each=classes.shape[1] / SAMPLE_RATE,
-                   gen_wall_seconds=round(seconds, 2), gen_samples_per_second=round(classes.numel() / seconds, 1),
-                   train_seconds=round(train_seconds, 1), steps=0 if args.sample_only else args.steps,
+    metrics.update(draw_samples(model, speakers, test, args, device, out))
+    metrics.update(train_seconds=round(train_seconds, 1), steps=0 if args.sample_only else args.steps,
                    device=str(device), data=args.data)
     write_json(out / "metrics.json", metrics)
     print(json.dumps(metrics))
@@ -604,7 +626,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
 
-# ============================================================================ appendix: the blocks every script repeats
+# ============================================================ appendix: plumbing every script repeats
 
 # --- shared: run utilities ---
 class RunError(Exception):
