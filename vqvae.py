@@ -1,10 +1,10 @@
 """VQ-VAE: an image becomes a grid of discrete tokens, and a transformer prior writes new ones.
 
-Stage one, the tokenizer. An encoder maps an image x (C x H x W; MNIST 1 x 28 x 28) to a
-grid z_e of h x w = H/4 x W/4 vectors of dimension D. Each is replaced by its nearest
-codebook entry, q(z) = e_k with k = argmin_j ||z - e_j||, so the image becomes h*w tokens
-in {0..K-1}, and a decoder maps the quantised grid z_q back to pixels. q has zero gradient
-almost everywhere, so the encoder learns through the straight-through estimator,
+Stage one, the tokenizer. An encoder maps an image x (C x H x W; MNIST 1 x 28 x 28) to a grid
+z_e of h x w = H/4 x W/4 vectors of dimension D. Each is replaced by its nearest codebook entry,
+q(z) = e_k with k = argmin_j ||z - e_j||, so the image becomes h*w tokens in {0..K-1}, and a
+decoder maps the quantised grid z_q back to pixels. q has zero gradient almost everywhere, so
+the encoder learns through the straight-through estimator,
 
     z_q = z_e + sg[q(z_e) - z_e]        (value q(z_e), gradient that of z_e),
 
@@ -13,37 +13,27 @@ with the loss of van den Oord et al. (sg = stop-gradient, means over elements)
     L = ||x - x_hat||^2  +  ||sg[z_e] - e||^2  +  beta * ||z_e - sg[e]||^2
         recon               codebook term         commitment term (beta = 0.25)
 
-The codebook term moves only the codes, the commitment term only the encoder. With
---codebook ema (default) the codes are moving averages of the encoder outputs assigned
-to them instead, and the codebook term drops out. A code that no encoder output picked
-for --dead-after steps restarts on one (0: never).
+The codebook term moves only the codes, the commitment term only the encoder. With --codebook
+ema (default) the codes are moving averages of the encoder outputs assigned to them instead,
+and the codebook term drops out. A code that no encoder output picked for --dead-after steps
+restarts on one (0: never).
 
 Stage two, the token prior p(z | y) = prod_t p(z_t | z_<t, y) over the h*w tokens in raster
 order: a small causal transformer conditioned on the digit label y (none for unlabelled data;
 the VQ family's shared block), fitted by next-token cross-entropy and sampled token by token.
 Its test NLL is the rate of this lossy code, beside the naive h*w*log2 K bits.
 
-Paper: van den Oord et al., "Neural Discrete Representation Learning" (NeurIPS 2017), incl.
-its appendix on EMA codes. Shapes: B batch, C channels, H W image height width, h w token
-grid, D code dim, K codebook size, T token sequence length (h*w), E prior width.
+Paper: van den Oord et al., "Neural Discrete Representation Learning" (NeurIPS 2017), with its
+appendix on EMA codes. Shapes: B batch, C channels, H W image height width, h w token grid,
+D code dim, K codebook size, T token sequence length (h*w), E prior width.
 
-Run:  python vqvae.py                        (both stages on MNIST, ~10 min on a 2-core CPU)
-      python vqvae.py --data my_images.npy   ((N, H, W) or (N, C, H, W), H and W multiples of 4)
-      python vqvae.py --sample-only --ckpt runs/vqvae/model.pt --num-samples 500
-A default run writes runs/vqvae/: model.pt, metrics.json (test MSE 0.0026, all 512 codes used,
-prior 163 bits/image), samples.png/.npy (a row per digit), sample_labels.npy, recon.png/.npy.
+Run: python vqvae.py (MNIST, ~10 min on a 2-core CPU), or --data my_images.npy ((N, H, W) or
+(N, C, H, W), H and W multiples of 4). A default run writes runs/vqvae/: model.pt, metrics.json
+(test MSE 0.0026, all 512 codes used, prior 163 bits/image), samples.png/.npy (a row per digit),
+sample_labels.npy, recon.png/.npy; --sample-only --ckpt runs/vqvae/model.pt samples again.
 """
 
-import argparse
-import gzip
-import json
-import math
-import os
-import random
-import struct
-import sys
-import time
-import zlib
+import argparse, gzip, json, math, os, random, struct, sys, time, zlib  # the appendix needs most
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +42,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 SCRIPT = "vqvae"
-HERE = Path(__file__).resolve().parent
 DOWN = 4  # the encoder halves H and W twice: images need H, W multiples of 4
 
 
-# ============================================================================ the method, stage one: the tokenizer
+# ============================================================ the method, stage one: the tokenizer
 
 class ResBlock(nn.Module):
     """x + conv1x1(relu(conv3x3(relu(x)))): depth at h x w without losing the identity path."""
@@ -70,15 +59,13 @@ class ResBlock(nn.Module):
 
 
 class VectorQuantizer(nn.Module):
-    """The codebook {e_1..e_K} (K, D) and the nearest-code lookup. The codebook is a Parameter
-    in both modes, so that model.pt looks the same; with EMA it has requires_grad=False and
-    is written by ema_update()."""
+    """The codebook {e_1..e_K} (K, D) and the nearest-code lookup. The codebook is a Parameter in
+    both modes (model.pt looks the same); with EMA it has no gradient and ema_update() writes it."""
 
     def __init__(self, K=512, D=16, ema=True, decay=0.99, eps=1e-5):
         super().__init__()
         self.K, self.D, self.ema, self.decay, self.eps = K, D, ema, decay, eps
-        # Codes start in a tiny ball around 0 (a common default): almost all of
-        # them lose every argmin at first, which is what the restart is for.
+        # Codes start in a tiny ball around 0: almost all lose every argmin at first (the restart's job).
         self.codebook = nn.Parameter(torch.empty(K, D).uniform_(-1 / K, 1 / K), requires_grad=not ema)
         # EMA state: count N_k and sum m_k, started at (1, e_k) so m_k / N_k = e_k.
         self.register_buffer("ema_count", torch.ones(K))
@@ -88,13 +75,10 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def nearest(self, z_flat, rows=1024):
-        """k = argmin_j ||z - e_j||^2 = argmin_j (||e_j||^2 - 2 z.e_j); ties -> lowest j.
-
-        ||z||^2 is the same for every j and is dropped. The (N, K) distance table is
-        built `rows` latents at a time, one addmm each: at K = 65,536 a whole batch's
-        table is 1.6 GB, and building it in one piece is 3.5x slower."""
-        e = self.codebook
-        e2 = e.pow(2).sum(1)  # (K,)
+        """k = argmin_j ||z - e_j||^2 = argmin_j (||e_j||^2 - 2 z.e_j); ties -> lowest j. ||z||^2
+        is the same for every j and is dropped. The (N, K) distance table is built `rows`
+        latents at a time, one addmm each: at K = 65,536 a whole batch's table is 1.6 GB."""
+        e, e2 = self.codebook, self.codebook.pow(2).sum(1)  # (K, D), (K,)
         return torch.cat([torch.addmm(e2, z_flat[i:i + rows], e.t(), alpha=-2).argmin(1)
                           for i in range(0, len(z_flat), rows)])
 
@@ -126,9 +110,9 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def restart_dead_codes(self, z_flat, step, dead_after):
-        """Codes unused for `dead_after` steps jump onto random rows of z_flat (recent
-        encoder outputs). There they win at least the output they copy, so they
-        are used again and then follow their new cluster. Returns how many."""
+        """Codes unused for `dead_after` steps jump onto random rows of z_flat (recent encoder
+        outputs): there they win at least the output they copy, are used again and follow
+        their new cluster. Returns how many."""
         dead = torch.nonzero(step - self.last_used >= dead_after).flatten()
         if len(dead):
             pick = torch.randint(len(z_flat), (len(dead),), device=z_flat.device)
@@ -139,8 +123,7 @@ class VectorQuantizer(nn.Module):
         return len(dead)
 
     def upkeep(self, z_e, tokens, step, dead_after):
-        """After an optimizer step: mark the codes used, move them (EMA), restart dead ones
-        (dead_after = 0: never). Returns how many were restarted."""
+        """After a step: mark the codes used, move them (EMA), restart dead ones (0: never); how many."""
         z_flat = z_e.detach().permute(0, 2, 3, 1).reshape(-1, self.D)  # (B*h*w, D)
         self.last_used[tokens.flatten()] = step
         if self.ema:
@@ -182,8 +165,7 @@ class VQVAE(nn.Module):
         e, tokens = self.quantizer(z_e)     # (B, D, h, w), (B, h, w)
         x_hat = self.decoder(straight_through(z_e, e))
         codebook, commit = vq_loss_terms(z_e, e, beta)
-        terms = {"recon": (x_hat - x).pow(2).mean(), "codebook": codebook, "commit": commit}
-        return x_hat, terms, z_e, tokens
+        return x_hat, {"recon": (x_hat - x).pow(2).mean(), "codebook": codebook, "commit": commit}, z_e, tokens
 
     def encode(self, x):
         """Images (B, C, H, W) -> tokens (B, h, w)."""
@@ -208,14 +190,12 @@ def vq_loss_terms(z_e, e, beta=0.25):
 
 def codebook_stats(counts):
     """usage = fraction of codes used; perplexity = exp(H(p)), p = counts / sum (0 log 0 = 0)."""
-    counts = torch.as_tensor(counts, dtype=torch.float64)
-    p = counts / counts.sum()
-    p = p[p > 0]
-    return {"codebook_usage": (counts > 0).double().mean().item(),
-            "codebook_perplexity": torch.exp(-(p * p.log()).sum()).item()}
+    p = torch.as_tensor(counts, dtype=torch.float64)
+    p = p[p > 0] / p.sum()
+    return {"codebook_usage": len(p) / len(counts), "codebook_perplexity": torch.exp(-(p * p.log()).sum()).item()}
 
 
-# ============================================================================ the method, stage two: the token prior
+# ============================================================ the method, stage two: the token prior
 
 # --- shared: token prior ---
 # Stage two of the VQ family (vqvae.py, vqgan.py, lfq.py): an autoregressive prior over
@@ -340,11 +320,10 @@ def cosine_lr(step, total, warmup=0):
 # --- end shared ---
 
 
-# ============================================================================ the experiment
+# ============================================================ the experiment
 
 def train_vqvae(model, x_train, steps, batch_size, lr, beta, dead_after, device):
     """Stage one: Adam on the loss terms, a cosine learning rate, the codebook upkeep."""
-    vq = model.quantizer
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
     progress, restarted = Progress(steps, label="vq"), 0
@@ -352,20 +331,18 @@ def train_vqvae(model, x_train, steps, batch_size, lr, beta, dead_after, device)
     for step, idx in enumerate(batches(len(x_train), batch_size, steps), 1):
         xb = x_train[idx].to(device)
         x_hat, terms, z_e, tokens = model(xb, beta)
-        # With EMA the codebook term has no gradient path (the codes are not
-        # learned by gradient), so it is left out of the loss and only logged.
-        loss = terms["recon"] + terms["commit"] + (0 if vq.ema else terms["codebook"])
+        # With EMA the codes are not learnt by gradient: the codebook term is only logged.
+        loss = terms["recon"] + terms["commit"] + (0 if model.quantizer.ema else terms["codebook"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        restarted += vq.upkeep(z_e, tokens, step, dead_after)
+        restarted += model.quantizer.upkeep(z_e, tokens, step, dead_after)
         progress(step, len(xb), **{k: v.detach() for k, v in terms.items()}, restarts=restarted)
 
 
 def train_prior(prior, model, x_train, labels, steps, batch_size, lr, device):
-    """Stage two: next-token cross-entropy on the training images' tokens. A batch is
-    tokenised when it is drawn, so a short run tokenises only the images it uses."""
+    """Stage two: next-token cross-entropy on each batch's tokens, tokenised when the batch is drawn."""
     opt = torch.optim.Adam(prior.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup=min(100, steps // 10)))
     progress = Progress(steps, label="prior")
@@ -393,13 +370,12 @@ def evaluate(model, prior, x_test, labels, device, batch_size=1000):
         tokens = model.encode(x_test[i:i + batch_size].to(device))  # (B, h, w)
         recons.append(model.decode_tokens(tokens).cpu())
         counts += torch.bincount(tokens.flatten().cpu(), minlength=model.quantizer.K)
-        if prior is not None:
+        if prior is not None:  # prior_nll: a mean over the B*T tokens
             nll = prior_nll(prior.eval(), tokens.flatten(1), labels[i:i + batch_size].to(device))
             nats += nll.item() * tokens.numel()
         progress(i + len(tokens), len(tokens))
     recons, (h, w) = torch.cat(recons), tokens.shape[1:]
-    metrics = {"test_recon_mse": (recons.double() - x_test.double()).pow(2).mean().item(),
-               **codebook_stats(counts), "codebook_used_codes": int((counts > 0).sum()),
+    metrics = {"test_recon_mse": (recons.double() - x_test.double()).pow(2).mean().item(), **codebook_stats(counts),
                "naive_rate_bits": h * w * math.log2(model.quantizer.K)}
     if prior is not None:
         metrics["test_prior_nll_bits"] = nats / len(x_test) / math.log(2)
@@ -408,14 +384,13 @@ def evaluate(model, prior, x_test, labels, device, batch_size=1000):
 
 @torch.no_grad()
 def evaluate_and_sample(args, models, classes, x_test, y_test, out, device):
-    """Test metrics, recon.png (rows of 16 test images, each followed by their reconstructions),
-    recon.npy (the first 500); with a prior, samples.png/.npy, one grid row per class."""
+    """Test metrics, recon.png (rows of test images over their reconstructions), recon.npy (the
+    first 500); with a prior, samples.png/.npy and, one grid row per class, sample_labels.npy."""
     model, prior, n = models["vqvae"], getattr(models, "prior", None), args.num_samples
     y_test = y_test[:len(x_test)] if classes else torch.zeros(len(x_test), dtype=torch.long)
     recons, metrics = evaluate(model, prior, x_test, y_test, device)
-    x, x_hat = x_test[:64], recons[:64]
-    rows = [r for i in range(0, len(x), 16) for r in (x[i:i + 16], x_hat[i:i + 16])]
-    write_png(out / "recon.png", image_grid(torch.cat(rows), ncol=min(16, len(x))))
+    rows = [r for i in range(0, min(64, len(x_test)), 16) for r in (x_test[i:i + 16], recons[i:i + 16])]
+    write_png(out / "recon.png", image_grid(torch.cat(rows), ncol=min(16, len(x_test))))
     np.save(out / "recon.npy", recons[:500].numpy())
     if prior is None:
         return metrics
@@ -438,19 +413,18 @@ def evaluate_and_sample(args, models, classes, x_test, y_test, out, device):
     return {**metrics, "prior_conditional_on_label": bool(classes), "sample_seconds": round(time.time() - start, 1)}
 
 
-# ============================================================================ main
+# ============================================================ main
 
-# The flags that shape the model, kept in a checkpoint's config.
 MODEL_FLAGS = ("codebook_size", "code_dim", "width", "codebook", "decay", "prior", "prior_width",
-               "prior_layers", "prior_heads", "unconditional")
+               "prior_layers", "prior_heads")  # the flags that shape the model: a checkpoint's config
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="VQ-VAE: images become discrete tokens; a transformer prior "
-                                "over them draws new images.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--data", default="mnist", help="mnist, or a .npy of images (N, H, W) or (N, C, H, W), H, W multiples of 4")
-    add("--data-dir", default=str(HERE / "data" / "mnist"), help="folder of MNIST's four idx .gz files")
+    add("--data", default="mnist", help="mnist, or a .npy of (N, H, W) or (N, C, H, W) images, H and W multiples of 4")
+    add("--data-dir", default=str(Path(__file__).parent / "data" / "mnist"), help="MNIST's folder")
     add("--out", help="output folder (None: runs/vqvae, or with --sample-only sample_only/ beside --ckpt)")
     add("--epochs", type=positive_int, default=5, help="stage one (VQ-VAE) epochs")
     add("--prior-epochs", type=positive_int, default=4, help="stage two (prior) epochs")
@@ -460,19 +434,15 @@ def parse_args(argv=None):
     add("--prior-lr", type=positive_float, default=1e-3, help="stage two learning rate")
     add("--codebook-size", type=positive_int, default=512, help="K, number of codes")
     add("--code-dim", type=positive_int, default=16, help="D, dimension of a code")
-    add("--width", type=checked(int, lambda v: v > 0 and v % 2 == 0, "even and > 0"), default=64,
-        help="encoder channels at h x w (half as many at 2h x 2w)")
-    add("--beta", type=checked(float, lambda v: 0 <= v < math.inf, ">= 0"), default=0.25,
-        help="weight of the commitment term")
-    add("--codebook", choices=["ema", "loss"], default="ema",
-        help="learn the codes by EMA of their encoder outputs, or by the codebook loss")
+    add("--width", type=checked(int, lambda v: v >= 2, ">= 2"), default=64, help="channels at h x w")
+    add("--beta", type=checked(float, lambda v: v >= 0, ">= 0"), default=0.25, help="commitment term's weight")
+    add("--codebook", choices=["ema", "loss"], default="ema", help="EMA of encoder outputs, or the codebook loss")
     add("--decay", type=fraction, default=0.99, help="EMA decay")
-    add("--dead-after", type=nonnegative_int, default=20, help="restart a code unused this many steps (0: never)")
+    add("--dead-after", type=nonnegative_int, default=20, help="restart codes unused this many steps (0: never)")
     add("--prior", action=argparse.BooleanOptionalAction, default=True, help="train stage two, and sample")
     add("--prior-width", type=positive_int, default=128, help="E, transformer width")
     add("--prior-layers", type=positive_int, default=3, help="transformer blocks")
     add("--prior-heads", type=positive_int, default=4, help="attention heads (dividing --prior-width)")
-    add("--unconditional", action="store_true", help="a prior without the digit label")
     add("--temperature", type=positive_float, default=1.0, help="sampling temperature")
     add("--top-k", type=nonnegative_int, default=0, help="sample among the k likeliest codes (0: all)")
     add("--num-samples", type=positive_int, default=100, help="images to sample")
@@ -493,8 +463,8 @@ def parse_args(argv=None):
 def build(config):
     """The models a config describes: {"vqvae": VQVAE, "prior": TokenPrior (if trained)}."""
     c, (C, H, W) = config, config["image_shape"]
-    models = nn.ModuleDict({"vqvae": VQVAE(c["codebook_size"], c["code_dim"], c["width"],
-                                           c["codebook"] == "ema", c["decay"], C)})
+    models = nn.ModuleDict({"vqvae": VQVAE(c["codebook_size"], c["code_dim"], c["width"], c["codebook"] == "ema",
+                                           c["decay"], C)})
     if c["prior"]:
         models["prior"] = TokenPrior(c["codebook_size"], (H // DOWN) * (W // DOWN), c["num_classes"],
                                      c["prior_width"], c["prior_layers"], c["prior_heads"])
@@ -508,37 +478,32 @@ def run(args):
     x_test = x_test[:args.test_limit or None]
     C, H, W = shape = list(x_test.shape[1:])
     if H % DOWN or W % DOWN:
-        raise RunError(f"--data {args.data}: {H} x {W} images; the encoder halves them twice, so H and W "
-                       f"must be multiples of {DOWN}")
+        raise RunError(f"--data {args.data}: {H} x {W} images; H and W must be multiples of {DOWN} (halved twice)")
     if args.sample_only:  # the models of --ckpt, into a folder that holds no training run
         models, config = load_checkpoint(args.ckpt, build)
         if config["image_shape"] != shape or (config["num_classes"] and y_test is None):
             raise RunError(f"{args.ckpt} was trained on other images than --data {args.data} ({shape})")
-        out = Path(args.out or Path(args.ckpt).parent / "sample_only")
+        out, log = Path(args.out or Path(args.ckpt).parent / "sample_only"), {"train_seconds": 0, "steps": 0}
         if (out / "model.pt").exists():
             raise RunError(f"--out {out} holds a training run's model.pt; give --sample-only another folder")
         out.mkdir(parents=True, exist_ok=True)
-        log = {"train_seconds": 0, "steps": 0}
     else:
         x_train, y_train = load_images(args.data, args.data_dir, "train")
         n, B = len(x_train), args.batch_size
         if B > n:
             raise RunError(f"--batch-size {B} is larger than the training set ({n} images)")
-        classes = int(y_train.max()) + 1 if y_train is not None and not args.unconditional else 0
+        classes = 0 if y_train is None else int(y_train.max()) + 1  # 0: unlabelled, an unconditional prior
         config = {"image_shape": shape, "num_classes": classes, **{k: getattr(args, k) for k in MODEL_FLAGS}}
         out = Path(args.out or f"runs/{SCRIPT}")
         out.mkdir(parents=True, exist_ok=True)
         models, start = build(config).to(device), time.time()
-        vq_steps, prior_steps = (min(e * (n // B), args.steps or math.inf) for e in (args.epochs, args.prior_epochs))
-        train_vqvae(models["vqvae"], x_train, vq_steps, B, args.lr, args.beta, args.dead_after, device)
-        middle, prior_steps = time.time(), prior_steps if args.prior else 0
+        steps = [min(e * (n // B), args.steps or math.inf) for e in (args.epochs, args.prior_epochs * args.prior)]
+        train_vqvae(models["vqvae"], x_train, steps[0], B, args.lr, args.beta, args.dead_after, device)
         if args.prior:  # an unconditional prior reads label num_classes = 0, "no label", for every image
             labels = y_train if classes else torch.zeros(n, dtype=torch.long)
-            train_prior(models["prior"], models["vqvae"], x_train, labels, prior_steps, B, args.prior_lr, device)
+            train_prior(models["prior"], models["vqvae"], x_train, labels, steps[1], B, args.prior_lr, device)
+        log = {"steps": sum(steps), "train_seconds": round(time.time() - start, 1)}
         save_checkpoint(out / "model.pt", config, models.state_dict())
-        log = {"train_seconds": round(time.time() - start, 1), "steps": vq_steps + prior_steps, "vq_steps": vq_steps,
-               "prior_steps": prior_steps, "vq_train_seconds": round(middle - start, 1),
-               "prior_train_seconds": round(time.time() - middle, 1)}
     metrics = evaluate_and_sample(args, models.to(device), config["num_classes"], x_test, y_test, out, device)
     metrics.update(**log, device=str(device), test_images=len(x_test))
     write_json(out / "metrics.json", metrics)
@@ -554,7 +519,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
 
-# ============================================================================ appendix: the plumbing every script repeats
+# ============================================================ appendix: the plumbing every script repeats
 
 # --- shared: run utilities ---
 class RunError(Exception):

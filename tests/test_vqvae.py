@@ -468,7 +468,7 @@ def test_sampling_runs_on_one_thread_and_restores_the_callers_setting(monkeypatc
     ["--temperature", "0"], ["--dead-after", "-1"], ["--steps", "-1"], ["--epochs", "0"],
     ["--prior-epochs", "0"], ["--batch-size", "0"], ["--codebook-size", "0"], ["--code-dim", "0"],
     ["--num-samples", "0"], ["--test-limit", "-1"], ["--prior-width", "130"], ["--prior-heads", "0"],
-    ["--prior-layers", "0"], ["--width", "63"], ["--sample-only"],
+    ["--prior-layers", "0"], ["--width", "1"], ["--sample-only"],
     ["--sample-only", "--ckpt", "m.pt", "--code-dim", "8"], ["--sample-only", "--ckpt", "m.pt", "--no-prior"]])
 def test_bad_flags_get_usage_and_one_error_line(flags, capsys):
     """Catches a flag that slips through unchecked (--lr -1 used to end in a traceback), and
