@@ -25,14 +25,23 @@ p(tokens | y) = prod_t p(token_t | token_<t, y), y the class (unlabelled data: o
 
 Papers: Yu et al. 2024, "Language Model Beats Diffusion -- Tokenizer is Key to Visual
 Generation" (MAGVIT-v2, LFQ); Mentzer et al. 2023, "Finite Scalar Quantization".
-Run: python lfq.py [--quantizer fsq] [--data my_images.npy]  (8 min on 2 CPU cores), then
+Run: python lfq.py [--quantizer fsq] [--data my_images.npy]   (8 min on 2 CPU cores), then
      python lfq.py --sample-only --ckpt runs/lfq/model.pt --num-samples 500
 Default run: runs/lfq/: test MSE 0.0095, all 1,024 codes used, prior 81.2 bits per test image.
 Shapes: B batch, C H W image (H, W multiples of 4), d bits per token (channels of z_e),
 h w = H/4 W/4 token grid, T = h*w, K = 2^d codes.
 """
 
-import argparse, gzip, json, math, os, random, struct, sys, time, zlib  # the appendix needs gzip..zlib
+import argparse
+import gzip
+import json
+import math
+import os
+import random
+import struct
+import sys
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -192,11 +201,10 @@ class Tokenizer(nn.Module):
         super().__init__()
         c1, c2 = width // 2, width
         self.levels = tuple(levels) if levels else None
-        self.dim = len(self.levels) if self.levels else bits              # d, channels of z_e
+        self.dim = d = len(self.levels) if self.levels else bits          # d, channels of z_e
         self.codebook_size = math.prod(self.levels) if self.levels else 2 ** bits
         if self.levels:  # a buffer: moves with the model, never rebuilt per call
             self.register_buffer("fsq_levels", torch.tensor(self.levels), persistent=False)
-        d = self.dim
         self.encoder = nn.Sequential(
             nn.Conv2d(channels, c1, 4, 2, 1), nn.ReLU(),        # (B, c1, H/2, W/2)
             nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU(),              # (B, c2, h, w)
@@ -222,7 +230,9 @@ class Tokenizer(nn.Module):
 
     def to_code(self, tokens):
         """Tokens (...) -> codes (..., d)."""
-        return index_to_code(tokens, self.dim) if self.levels is None else fsq_index_to_code(tokens, self.fsq_levels)
+        if self.levels is None:
+            return index_to_code(tokens, self.dim)
+        return fsq_index_to_code(tokens, self.fsq_levels)
 
     def forward(self, x, tau=1.0, groups=None):
         """x (B, C, H, W) -> (x_hat (B, C, H, W), every term of the stage-one loss), as means
@@ -253,11 +263,11 @@ class Tokenizer(nn.Module):
 
 
 def stage_one_loss(terms, beta=0.25, entropy_weight=1.0, gamma=1.0):
-    """L = recon + beta commit + lambda (per_sample - gamma batch) from forward's terms;
-    FSQ's terms hold the reconstruction alone, which is then the whole loss."""
+    """L = recon + beta commit + lambda (per_sample - gamma batch) from forward's terms: low
+    when each token is sure of its code and the batch spreads over all codes. FSQ: recon."""
     if "commit" not in terms:
         return terms["recon"]
-    entropy = terms["per_sample"] - gamma * terms["batch"]  # low: sure per token, spread per batch
+    entropy = terms["per_sample"] - gamma * terms["batch"]
     return terms["recon"] + beta * terms["commit"] + entropy_weight * entropy
 
 
@@ -445,8 +455,8 @@ def train_tokenizer(model, x_train, args, device):
 
 def train_prior(prior, model, x_train, labels, args, device):
     """Stage two: AdamW on the prior's NLL of the training images' tokens, cosine learning
-    rate. The trained tokenizer encodes each batch as it comes (a few per cent of a step's
-    work), so a short run tokenises only the images it sees. Returns the steps taken."""
+    rate. The tokenizer encodes each batch as it comes (a few per cent of a step's work),
+    so a short run tokenises only the images it sees. Returns the steps taken."""
     total = min(args.prior_epochs * (len(x_train) // args.batch_size), args.steps or math.inf)
     opt = torch.optim.AdamW(prior.parameters(), lr=args.prior_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total))
@@ -467,9 +477,9 @@ def train_prior(prior, model, x_train, labels, args, device):
 
 @torch.no_grad()
 def evaluate(model, prior, x, labels, device, batch_size=1000):
-    """Test MSE per pixel; how the test tokens use the codes (the fraction used at least
-    once, the perplexity exp(H(counts / N)) in codes); with a prior, -log2 p(tokens | y)
-    per test image in bits. Also the tokens (N, h, w)."""
+    """Test MSE per pixel; how the test tokens use the codes (the number used at least once,
+    the perplexity exp(H(counts / N)) in codes); with a prior, -log2 p(tokens | y) per test
+    image in bits. Also the tokens (N, h, w)."""
     model.eval()
     se, nats, tokens, progress = 0.0, 0.0, [], Progress(len(x), label="evaluate")
     for i in range(0, len(x), batch_size):
@@ -479,7 +489,7 @@ def evaluate(model, prior, x, labels, device, batch_size=1000):
         tokens.append(model.to_index(z_q.permute(0, 2, 3, 1)))                  # (b, h, w)
         if prior is not None:
             nll = prior_nll(prior.eval(), tokens[-1].flatten(1), labels[i:i + batch_size].to(device))
-            nats += nll.item() * len(xb)
+            nats += nll.item() * len(xb)                                        # nats per token
         progress(i + len(xb), len(xb))
     tokens = torch.cat(tokens).cpu()                                            # (N, h, w)
     counts = torch.bincount(tokens.flatten(), minlength=model.codebook_size).double()
@@ -495,18 +505,18 @@ def evaluate(model, prior, x, labels, device, batch_size=1000):
 
 
 @torch.no_grad()
-def draw_samples(model, prior, n, grid, temperature, top_k, seed, device, chunk=100):
-    """n images (n, C, H, W) in [0, 1] decoded from sampled token grids (h, w) = grid, and
-    the labels asked for: 0..num_classes-1 repeated (column j of a 10-wide grid holds class
-    j), or all 0 = "no label" for an unconditional prior (num_classes 0)."""
-    labels = torch.arange(n, device=device) % max(prior.num_classes, 1)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    threads, images, progress = torch.get_num_threads(), [], Progress(n, label="sample")
+def draw_samples(model, prior, n, grid, temperature=1.0, top_k=0, seed=0, chunk=100):
+    """n images (n, C, H, W) in [0, 1] decoded from sampled token grids (h, w), and the labels:
+    0..num_classes-1 repeated (column j of a 10-wide grid holds class j), or all 0 = "no
+    label" for an unconditional prior (num_classes 0)."""
+    labels = torch.arange(n, device=prior.pos_emb.device) % max(prior.num_classes, 1)
+    gen = torch.Generator(device=labels.device).manual_seed(seed)
+    images, threads, progress = [], torch.get_num_threads(), Progress(n, label="sample")
     torch.set_num_threads(1)  # T steps on small tensors: 8x faster than 2 threads on 2 cores
     try:
         for i in range(0, n, chunk):
-            tokens = sample_tokens(prior, labels[i:i + chunk], temperature, top_k, generator=gen)
-            images.append(model.decode_tokens(tokens.view(-1, *grid)).cpu())    # (chunk, C, H, W)
+            tokens = sample_tokens(prior, labels[i:i + chunk], temperature, top_k, generator=gen)  # (b,T)
+            images.append(model.decode_tokens(tokens.view(-1, *grid)).cpu())
             progress(i + len(tokens), len(tokens))
     finally:
         torch.set_num_threads(threads)
@@ -514,20 +524,21 @@ def draw_samples(model, prior, n, grid, temperature, top_k, seed, device, chunk=
 
 
 @torch.no_grad()
-def write_outputs(model, prior, x_test, grid, args, device, out):
+def write_outputs(model, prior, x_test, args, device, out):
     """recon.npy (the first min(500, N) test images reconstructed) and recon.png; with a
-    prior samples.npy, samples.png and, when it was asked for classes, sample_labels.npy."""
+    prior, samples.npy, samples.png and, when they were asked for classes, sample_labels.npy."""
     x = x_test[:500]
-    x_hat = model(x.to(device))[0].clamp(0, 1).cpu()                          # (n, C, H, W)
+    x_hat = model(x.to(device))[0].clamp(0, 1).cpu()                            # (n, C, H, W)
     atomic_write(out / "recon.npy", lambda f: np.save(f, x_hat.numpy()))
     ncol = min(16, len(x))
     n = min(64, len(x)) // ncol * ncol  # whole rows of test images, each over its reconstructions
     rows = torch.stack([x[:n].view(-1, ncol, *x.shape[1:]), x_hat[:n].view(-1, ncol, *x.shape[1:])], 1)
     write_png(out / "recon.png", image_grid(rows.flatten(0, 2), ncol=ncol))
     if prior is not None:
+        grid = (x.shape[2] // DOWNSAMPLE, x.shape[3] // DOWNSAMPLE)
         samples, labels = draw_samples(model, prior, args.num_samples, grid, args.temperature, args.top_k,
-                                       args.seed, device)
-        atomic_write(out / "samples.npy", lambda f: np.save(f, samples.numpy()))  # (N, C, H, W)
+                                       args.seed)
+        atomic_write(out / "samples.npy", lambda f: np.save(f, samples.numpy()))
         if prior.num_classes:
             atomic_write(out / "sample_labels.npy", lambda f: np.save(f, labels.numpy()))
         write_png(out / "samples.png", image_grid(samples, ncol=min(args.num_samples, 10)))
@@ -538,79 +549,65 @@ def write_outputs(model, prior, x_test, grid, args, device, out):
 MODEL_FLAGS = ("quantizer", "bits", "levels", "width", "prior_width", "prior_layers", "prior_heads")
 
 
-def fsq_levels(text):
-    """--levels '8,5,5,5' -> (8, 5, 5, 5), each at least 3 (two levels are LFQ's sign)."""
-    if min(levels := tuple(int(v) for v in text.split(","))) < 3:
-        raise argparse.ArgumentTypeError(f"FSQ levels must be at least 3, got {text}")
-    return levels
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    nonnegative_float = checked(float, lambda v: 0 <= v < math.inf, ">= 0")
-    p.add_argument("--data", default="mnist", help="mnist, or a .npy of images (N, H, W) or (N, C, H, "
-                   "W), uint8 or in [0, 1], H and W multiples of 4 (its last tenth: the test set)")
-    p.add_argument("--data-dir", default=str(Path(__file__).resolve().parent / "data" / "mnist"),
-                   help="MNIST's folder")
-    p.add_argument("--out", help="output folder; None: runs/lfq, or sample_only/ beside --ckpt")
-    p.add_argument("--quantizer", choices=["lfq", "fsq"], default="lfq", help="lfq: sign bits; fsq: "
-                   "finite scalar quantisation, with the paper's levels for about 2^bits codes")
-    p.add_argument("--bits", type=checked(int, lambda v: 1 <= v <= 24, "in 1..24"), default=10,
-                   help="d, bits per token: 2^d codes (LFQ's codebook size)")
-    p.add_argument("--levels", type=fsq_levels, help="FSQ levels per channel, e.g. 8,5,5,5 (1,000 codes)")
-    p.add_argument("--width", type=checked(int, lambda v: v >= 2, ">= 2"), default=64,
-                   help="channels of the conv layers at h x w")
-    p.add_argument("--epochs", type=positive_int, default=5, help="stage one (tokenizer) epochs")
-    p.add_argument("--prior-epochs", type=nonnegative_int, default=3, help="stage two epochs; 0: no prior")
-    p.add_argument("--steps", type=nonnegative_int, default=0, help="cap on each stage's steps (0: none)")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="images per step, both stages")
-    p.add_argument("--lr", type=positive_float, default=2e-3, help="stage one learning rate")
-    p.add_argument("--prior-lr", type=positive_float, default=2e-3, help="stage two learning rate")
-    p.add_argument("--beta", type=nonnegative_float, default=0.25, help="weight of the commitment term")
-    p.add_argument("--entropy-weight", type=nonnegative_float, default=1.0,
-                   help="lambda, weight of L_ent (MAGVIT-v2 used 0.1; this small model collapses there)")
-    p.add_argument("--gamma", type=nonnegative_float, default=1.0, help="weight of the batch entropy in L_ent")
-    p.add_argument("--tau", type=positive_float, default=1.0, help="temperature of the soft assignment p(c|z_e)")
-    p.add_argument("--entropy", choices=["auto", "exact", "groups", "per-bit"], default="auto",
-                   help="batch entropy of L_ent. exact: over all 2^d codes; groups: summed over the fewest "
-                   "groups of <= 8 bits, as equal as possible (23 = 8 + 8 + 7), an upper bound; per-bit: "
-                   "d groups of 1 bit (the loosest: bits may collapse together); auto: exact up to d = 20")
-    p.add_argument("--prior-width", type=positive_int, default=128, help="transformer width")
-    p.add_argument("--prior-layers", type=positive_int, default=3, help="transformer blocks")
-    p.add_argument("--prior-heads", type=positive_int, default=4, help="attention heads")
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
-    p.add_argument("--top-k", type=nonnegative_int, default=0,
-                   help="sample among the k likeliest codes (0: all; needs d <= 12, the softmax head)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA if present")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seeds random, numpy and torch")
-    p.add_argument("--num-samples", type=positive_int, default=100, help="images sampled from the prior")
-    p.add_argument("--test-limit", type=nonnegative_int, default=0, help="first N test images only (0: all)")
-    p.add_argument("--sample-only", action="store_true", help="load --ckpt, evaluate and sample; no training")
-    p.add_argument("--ckpt", help="the model.pt that --sample-only loads")
-    return p
+def int_tuple(text):  # "8,5,5,5" -> (8, 5, 5, 5)
+    return tuple(int(v) for v in text.split(","))
 
 
 def parse_args(argv=None):
-    p = build_parser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add, nonnegative_float = p.add_argument, checked(float, lambda v: 0 <= v < math.inf, ">= 0")
+    add("--data", default="mnist",
+        help="mnist, or a .npy of images (N, H, W) or (N, C, H, W), uint8 or in [0, 1], H and W multiples of 4")
+    add("--data-dir", default=str(Path(__file__).resolve().parent / "data" / "mnist"), help="MNIST's folder")
+    add("--out", help="output folder (None: runs/lfq, or with --sample-only sample_only/ beside --ckpt)")
+    add("--quantizer", choices=["lfq", "fsq"], default="lfq", help="sign bits, or finite scalar quantisation")
+    add("--bits", type=checked(int, lambda v: 1 <= v <= 24, "in 1..24"), default=10,
+        help="d, bits per token: 2^d codes (FSQ: the paper's levels for about 2^d codes)")
+    add("--levels", type=checked(int_tuple, lambda v: min(v) >= 3, "FSQ levels >= 3, e.g. 8,5,5,5"),
+        help="FSQ levels per channel, e.g. 8,5,5,5 (1,000 codes)")
+    add("--width", type=checked(int, lambda v: v >= 2, ">= 2"), default=64, help="channels of the conv layers")
+    add("--epochs", type=positive_int, default=5, help="stage one (tokenizer) epochs")
+    add("--prior-epochs", type=nonnegative_int, default=3, help="stage two (prior) epochs; 0: no prior")
+    add("--steps", type=nonnegative_int, default=0, help="cap on each stage's steps (0: none; 2: a smoke run)")
+    add("--batch-size", type=positive_int, default=128, help="images per step, both stages")
+    add("--lr", type=positive_float, default=2e-3, help="stage one learning rate")
+    add("--prior-lr", type=positive_float, default=2e-3, help="stage two learning rate")
+    add("--beta", type=nonnegative_float, default=0.25, help="weight of the commitment term")
+    add("--entropy-weight", type=nonnegative_float, default=1.0,
+        help="lambda, weight of L_ent (MAGVIT-v2 used 0.1; this small model collapses there)")
+    add("--gamma", type=nonnegative_float, default=1.0, help="weight of the batch entropy in L_ent")
+    add("--tau", type=positive_float, default=1.0, help="temperature of the soft assignment p(c|z_e)")
+    add("--entropy", choices=["auto", "exact", "groups", "per-bit"], default="auto",
+        help="batch entropy in L_ent: exact over all 2^d codes; groups: summed over the fewest groups of <= 8 "
+        "bits, as equal as possible (23 = 8 + 8 + 7), an upper bound; per-bit: d groups of 1 bit (the loosest); "
+        "auto: exact up to d = 20, groups above")
+    add("--prior-width", type=positive_int, default=128, help="transformer width")
+    add("--prior-layers", type=positive_int, default=3, help="transformer blocks")
+    add("--prior-heads", type=positive_int, default=4, help="attention heads (dividing the width)")
+    add("--temperature", type=positive_float, default=1.0, help="sampling temperature")
+    add("--top-k", type=nonnegative_int, default=0, help="sample among the k likeliest codes (0: all; d <= 12)")
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when present")
+    add("--seed", type=nonnegative_int, default=0, help="seeds random, numpy and torch")
+    add("--num-samples", type=positive_int, default=100, help="samples, spread evenly over the classes")
+    add("--test-limit", type=nonnegative_int, default=0, help="evaluate on the first N test images (0: all)")
+    add("--sample-only", action="store_true", help="load --ckpt, then only evaluate and sample")
+    add("--ckpt", help="the model.pt that --sample-only loads")
     args = p.parse_args(argv)
-    given = [f"--{k.replace('_', '-')}" for k in MODEL_FLAGS if getattr(args, k) != p.get_default(k)]
+    changed = [f"--{k.replace('_', '-')}" for k in MODEL_FLAGS if getattr(args, k) != p.get_default(k)]
     levels = args.levels or FSQ_LEVELS.get(args.bits) if args.quantizer == "fsq" else ()
-    if args.sample_only != (args.ckpt is not None):
-        p.error("--sample-only and --ckpt PATH go together")
-    elif args.sample_only and given:
-        p.error(f"{', '.join(given)}: --sample-only rebuilds the model from the checkpoint's config")
-    elif args.prior_width % args.prior_heads:
+    if args.sample_only != bool(args.ckpt) or (args.sample_only and changed):
+        p.error(f"{', '.join(changed)} shape the model; --sample-only loads --ckpt's" if changed and args.ckpt
+                else "--sample-only and --ckpt PATH go together")
+    if args.prior_width % args.prior_heads:
         p.error("--prior-width must be a multiple of --prior-heads")
-    elif args.levels and args.quantizer != "fsq":
-        p.error("--levels is for --quantizer fsq")
-    elif levels is None:
-        p.error(f"--quantizer fsq needs --levels L1,L2,... or --bits in {sorted(FSQ_LEVELS)}")
-    elif args.prior_epochs and math.prod(levels) > 2 ** FULL_SOFTMAX_MAX_BITS:
+    if levels is None or (args.levels and args.quantizer == "lfq"):
+        p.error(f"--quantizer fsq takes --levels L1,L2,.. or --bits in {sorted(FSQ_LEVELS)}; lfq no --levels")
+    if args.prior_epochs and math.prod(levels) > 2 ** FULL_SOFTMAX_MAX_BITS:
         p.error(f"a prior over FSQ tokens is a softmax over at most {2 ** FULL_SOFTMAX_MAX_BITS:,} codes; "
                 "use --prior-epochs 0")
     args.levels = list(levels)
-    args.out = args.out or (str(Path(args.ckpt).parent / "sample_only") if args.sample_only else f"runs/{SCRIPT}")
+    args.out = args.out or str(Path(args.ckpt).parent / "sample_only" if args.sample_only else f"runs/{SCRIPT}")
     return args
 
 
@@ -625,39 +622,32 @@ def build(config):
     return model
 
 
-def load_data(args):
-    """Images (N, C, H, W) and labels (N,), or None for unlabelled data; --test-limit applied."""
-    (x_train, y_train), (x_test, y_test) = (load_images(args.data, args.data_dir, s) for s in ("train", "test"))
-    if x_test.shape[-2] % DOWNSAMPLE or x_test.shape[-1] % DOWNSAMPLE:
-        raise RunError(f"--data {args.data}: images of {tuple(x_test.shape[-2:])} pixels; lfq.py "
-                       f"needs H and W multiples of {DOWNSAMPLE} (two stride-2 convolutions)")
-    n = args.test_limit or len(x_test)
-    return x_train, y_train, x_test[:n], None if y_test is None else y_test[:n]
-
-
 def run(args):
     device, out = pick_device(args.device), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.sample_only and (out / "model.pt").exists():
         raise RunError(f"--out {out} holds a training run's model.pt; --sample-only writes elsewhere")
     seed_everything(args.seed)
-    x_train, y_train, x_test, y_test = load_data(args)
+    (x_train, y_train), (x_test, y_test) = (load_images(args.data, args.data_dir, s) for s in ("train", "test"))
+    x_test, shape = x_test[:args.test_limit or None], list(x_test.shape[1:])  # (C, H, W)
+    if shape[1] % DOWNSAMPLE or shape[2] % DOWNSAMPLE:
+        raise RunError(f"--data {args.data}: {shape[1]} x {shape[2]} images; lfq.py needs H and W multiples of 4")
     if args.sample_only:
         model, config = load_checkpoint(args.ckpt, build)
-        if config["image_shape"] != list(x_test.shape[1:]):
-            raise RunError(f"{args.ckpt} models images {config['image_shape']}, --data has {list(x_test.shape[1:])}")
+        if config["image_shape"] != shape:
+            raise RunError(f"{args.ckpt} models images {config['image_shape']}, --data has {shape}")
     elif args.batch_size > len(x_train):
         raise RunError(f"--batch-size {args.batch_size} is larger than the training set ({len(x_train)} images)")
     else:
         model = build(config := {
-            "bits": args.bits, "width": args.width, "levels": args.levels, "image_shape": list(x_train.shape[1:]),
+            "bits": args.bits, "width": args.width, "levels": args.levels, "image_shape": shape,
             "num_classes": 0 if y_train is None else int(y_train.max()) + 1, "prior": args.prior_epochs > 0,
             "prior_width": args.prior_width, "prior_layers": args.prior_layers, "prior_heads": args.prior_heads})
     tokenizer, prior = model["tokenizer"].to(device), model["prior"].to(device) if "prior" in model else None
     if args.top_k and prior is not None and prior.head_kind == "bits":
         raise RunError("--top-k needs the prior's softmax head (d <= 12); this one samples bit by bit")
     k = prior.num_classes if prior is not None else 0  # the prior's label: the class, or k = "no label"
-    y_train, y_test = (y if y is not None and k else torch.full((len(x),), k)
+    y_train, y_test = (y[:len(x)] if y is not None and k else torch.full((len(x),), k)
                        for x, y in ((x_train, y_train), (x_test, y_test)))
     steps, start = [0, 0], time.time()
     if not args.sample_only:
@@ -668,9 +658,10 @@ def run(args):
             torch.cuda.synchronize()  # GPU work is asynchronous: time it once it is done
         save_checkpoint(out / "model.pt", config, model.state_dict())
     train_seconds = 0.0 if args.sample_only else round(time.time() - start, 1)
-    metrics, tokens = evaluate(tokenizer, prior, x_test, y_test, device)
-    write_outputs(tokenizer, prior, x_test, tokens.shape[1:], args, device, out)
-    metrics.update(quantizer="fsq" if tokenizer.levels else "lfq", levels=list(tokenizer.levels or [2] * tokenizer.dim),
+    metrics = evaluate(tokenizer, prior, x_test, y_test, device)[0]
+    write_outputs(tokenizer, prior, x_test, args, device, out)
+    metrics.update(quantizer="fsq" if tokenizer.levels else "lfq",
+                   levels=list(tokenizer.levels or [2] * tokenizer.dim),
                    bits=round(math.log2(tokenizer.codebook_size), 2), train_seconds=train_seconds,
                    steps=sum(steps), steps_stage1=steps[0], steps_stage2=steps[1], device=str(device),
                    test_images=len(x_test))
