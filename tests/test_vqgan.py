@@ -1,7 +1,7 @@
-"""Properties of vqgan.py: the adaptive GAN weight, the hinge losses and the
-separation of the two players, the patch discriminator, the GAN schedule, the VQ
-gradients, the token grids, the prior's causality and its sampler against the
-prior's own probabilities, and the CLI with its errors."""
+"""Properties of vqgan.py: the adaptive GAN weight, the hinge losses and the separation of
+the two players, the patch discriminator, the GAN schedule, the VQ gradients, the token
+grids, the prior's causality and its sampler against the prior's own probabilities; your
+own images, forward() from Python, the capped smoke run, and the CLI with its errors."""
 
 import json
 import math
@@ -12,22 +12,28 @@ import torch
 
 import vqgan
 
-TINY = ["--codebook-size", "16", "--code-dim", "8", "--width", "8",
-        "--prior-width", "32", "--prior-layers", "2"]
+TINY = ["--codebook-size", "16", "--code-dim", "8", "--width", "8", "--prior-width", "32", "--prior-layers", "2"]
+CPU = torch.device("cpu")
 
 
 def tiny_args(*extra):
     return vqgan.parse_args(TINY + list(extra))
 
 
+def tiny_nets(args, image_shape=(1, 28, 28), num_classes=10):
+    cfg = {"image_shape": list(image_shape), "num_classes": num_classes,
+           **{k: getattr(args, k) for k in vqgan.MODEL_FLAGS}}
+    return vqgan.build(cfg)
+
+
 def tiny_models(args):
-    model, disc, _ = vqgan.build(vars(args), torch.device("cpu"))
-    return model, disc
+    nets = tiny_nets(args)
+    return nets["tokenizer"], nets["disc"]
 
 
 def loss_kw(args, use_gan=True):
     return dict(beta=args.beta, perceptual_weight=args.perceptual_weight, use_gan=use_gan,
-                disc_weight=args.disc_weight, max_lambda=args.max_lambda)
+                disc_weight=args.disc_weight)
 
 
 def params(module):
@@ -40,7 +46,12 @@ def same(a, b):
 
 def tiny_prior(K=4, T=4, width=16, layers=1):
     torch.manual_seed(0)
-    return vqgan.TokenPrior(K, T, vqgan.NUM_CLASSES, width, layers, 2).eval()
+    return vqgan.TokenPrior(K, T, 10, width, layers, 2).eval()
+
+
+def mnist(path, split):
+    x, y = vqgan.load_images("mnist", path, split)
+    return x * 2 - 1, y
 
 
 # ----------------------------------------------------------------------------- the GAN
@@ -63,27 +74,46 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms():
 
 
 def test_total_loss_is_the_sum_of_its_terms_with_lambda_from_the_last_layer():
-    """Catches lambda measured at another layer, beta or w_d on the wrong term, and a
-    total that drops a term."""
+    """Catches lambda measured at another layer, w_d on the wrong term, a total that drops
+    a term, L_GAN with the wrong sign, and L_perc that is not |f(x) - f(x_hat)| on D's layers."""
     args = tiny_args("--beta", "0.3", "--disc-weight", "0.7", "--perceptual-weight", "0.5")
     model, disc = tiny_models(args)
     x = torch.rand(4, 1, 28, 28) * 2 - 1
-    terms, _, _ = vqgan.generator_loss(model, disc, x, **loss_kw(args))
+    terms, x_hat, _ = vqgan.generator_loss(model, disc, x, **loss_kw(args))
+    logits_fake, feats_fake = disc(x_hat)
+    _, feats_real = disc(x)
+    assert terms["gan"].item() == pytest.approx(-logits_fake.mean().item(), rel=1e-6)
+    perc = sum((r - f).abs().mean() for r, f in zip(feats_real, feats_fake)) / 2
+    assert terms["perc"].item() == pytest.approx(perc.item(), rel=1e-6)
     rec = terms["l1"] + 0.5 * terms["perc"]
-    g_rec, = torch.autograd.grad(rec, model.last_layer, retain_graph=True)
-    g_gan, = torch.autograd.grad(terms["gan"], model.last_layer, retain_graph=True)
-    assert model.last_layer is model.decoder[-1].weight
+    last = model.decoder[-1].weight
+    assert last.shape[0] == 1 and last.dim() == 4    # the conv that writes the image
+    g_rec, = torch.autograd.grad(rec, last, retain_graph=True)
+    g_gan, = torch.autograd.grad(terms["gan"], last, retain_graph=True)
     lam = (g_rec.norm() / (g_gan.norm() + 1e-4)).item()
     assert terms["lambda"].item() == pytest.approx(lam, rel=1e-5)
     expected = rec + terms["codebook"] + 0.3 * terms["commit"] + 0.7 * lam * terms["gan"]
     assert terms["total"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_beta_weighs_the_commitment_and_the_codes_get_the_full_codebook_term():
+    """Catches beta on the codebook term instead of the commitment (the two are equal in
+    value, so only gradients tell them apart) and a codebook term left out of the total."""
+    args = tiny_args("--beta", "0.3")
+    model, disc = tiny_models(args)
+    terms, _, _ = vqgan.generator_loss(model, disc, torch.rand(4, 1, 28, 28) * 2 - 1, beta=0.3,
+                                       perceptual_weight=0.0, use_gan=False)
+    e, first = model.quantizer.codebook.weight, model.encoder[0].weight
+    grad = {k: torch.autograd.grad(terms[k], [e, first], retain_graph=True, allow_unused=True)
+            for k in ("total", "l1", "codebook", "commit")}
+    assert torch.allclose(grad["total"][0], grad["codebook"][0])    # L1, commit: no pull on codes
+    assert torch.allclose(grad["total"][1], grad["l1"][1] + 0.3 * grad["commit"][1], atol=1e-7)
+
+
 def test_hinge_losses_on_hand_picked_logits():
     real = torch.tensor([2.0, 0.5, -1.0])   # relu(1 - real) = 0, 0.5, 2   -> mean 5/6
     fake = torch.tensor([-2.0, 0.0, 1.0])   # relu(1 + fake) = 0, 1, 2     -> mean 1
     assert vqgan.hinge_d_loss(real, fake).item() == pytest.approx(5 / 6 + 1)
-    assert vqgan.hinge_g_loss(fake).item() == pytest.approx(1 / 3)
     # Beyond the margins the discriminator has nothing left to learn.
     assert vqgan.hinge_d_loss(torch.tensor([1.0, 3.0]), torch.tensor([-1.0, -5.0])).item() == 0.0
 
@@ -97,7 +127,7 @@ def test_each_player_step_leaves_the_other_players_weights_alone():
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-2, betas=(0.5, 0.9))
     x = torch.rand(4, 1, 28, 28) * 2 - 1
     g0, d0 = params(model), params(disc)
-    x_hat = model(x)[0]                      # still attached to the generator's graph
+    x_hat, _ = model(x)                      # still attached to the generator's graph
     vqgan.discriminator_step(disc, opt_d, x, x_hat)
     assert same(params(model), g0)
     assert all(p.grad is None for p in model.parameters())  # x_hat was detached
@@ -109,22 +139,23 @@ def test_each_player_step_leaves_the_other_players_weights_alone():
     assert not same(params(model), g0)
 
 
-def test_discriminator_returns_a_patch_grid_with_a_small_receptive_field():
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
+def test_discriminator_returns_a_patch_grid_with_a_small_receptive_field(channels, size):
     """Catches a normalisation layer (or a global pool) that lets every logit see
     the whole image."""
-    disc = vqgan.PatchDiscriminator(8)
-    x = torch.randn(1, 1, 28, 28, requires_grad=True)
+    disc = vqgan.PatchDiscriminator(8, channels)
+    x = torch.randn(1, channels, size, size, requires_grad=True)
     logits, _ = disc(x)
-    assert logits.shape == (1, 1, 7, 7)
+    assert logits.shape == (1, 1, size // 4, size // 4)
     logits[0, 0, 3, 3].backward()
-    rows, cols = (x.grad[0, 0] != 0).nonzero().unbind(1)
+    rows, cols = (x.grad[0].abs().sum(0) != 0).nonzero().unbind(1)
     height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
-    assert 4 < height <= 18 and 4 < width <= 18   # 18 x 18 patch, well inside 28 x 28
+    assert 4 < height <= 18 and 4 < width <= 18   # 18 x 18 patch, well inside the image
 
 
 def test_gan_term_joins_only_after_disc_start_and_never_with_no_gan(monkeypatch, tiny_mnist_dir):
     """Catches the GAN term switched on one step early (>= instead of >) or ignoring --no-gan."""
-    x, _ = vqgan.mnist_tensors(tiny_mnist_dir, "train")
+    x, _ = mnist(tiny_mnist_dir, "train")
     seen = []
 
     def spy(model, disc, opt_g, x, use_gan, **kw):
@@ -136,14 +167,16 @@ def test_gan_term_joins_only_after_disc_start_and_never_with_no_gan(monkeypatch,
     for extra, expected in ((), [False] * 3 + [True] * 2), (("--no-gan",), [False] * 5):
         seen.clear()
         args = tiny_args("--tok-steps", "5", "--disc-start", "3", "--batch-size", "8", *extra)
-        vqgan.train_tokenizer(*tiny_models(args), x, args, torch.device("cpu"))
+        vqgan.train_tokenizer(*tiny_models(args), x, args, CPU)
         assert seen == expected
+    assert tiny_args("--steps", "2").disc_start == 0      # a smoke run reaches the GAN too
+    assert tiny_args("--steps", "50").disc_start == 20    # 800 of 2,000 -> 20 of 50
 
 
 # ----------------------------------------------------------------------------- the quantiser
 
-def test_straight_through_and_commitment_placement():
-    """Catches beta on the codebook term instead of the commitment, and a missing sg[]."""
+def test_straight_through_and_the_two_vq_gradients():
+    """Catches a missing sg[] on either term and the straight-through removed."""
     vq = vqgan.VectorQuantizer(K=8, D=4)
     vq.codebook.weight.data.normal_()
     z_e = torch.randn(2, 4, 3, 3, requires_grad=True)
@@ -157,15 +190,13 @@ def test_straight_through_and_commitment_placement():
     # The codebook term moves only the codes, the commitment term only the encoder.
     assert torch.autograd.grad(codebook, z_e, retain_graph=True, allow_unused=True)[0] is None
     assert torch.autograd.grad(commit, e, retain_graph=True, allow_unused=True)[0] is None
-    # beta sits on the commitment: dL_VQ/dz_e = beta * 2 (z_e - z_q) / N.
-    loss = vqgan.vq_loss(codebook, commit, 0.25)
-    grad_ze, grad_e = torch.autograd.grad(loss, [z_e, e])
-    assert torch.allclose(grad_ze, 0.25 * 2 * (z_e - z_q).detach() / z_e.numel())
-    # ... and the codes get the full, unweighted pull towards the encoder outputs.
+    grad_ze, = torch.autograd.grad(commit, z_e, retain_graph=True)
+    assert torch.allclose(grad_ze, 2 * (z_e - z_q).detach() / z_e.numel())
+    # ... and the codes get the pull towards the encoder outputs that chose them.
     zq_flat = z_q.detach().permute(0, 2, 3, 1).reshape(-1, 4)
     ze_flat = z_e.detach().permute(0, 2, 3, 1).reshape(-1, 4)
     expected = torch.zeros_like(e).index_add_(0, tokens.flatten(), 2 * (zq_flat - ze_flat) / z_e.numel())
-    assert torch.allclose(grad_e, expected)
+    assert torch.allclose(torch.autograd.grad(codebook, e)[0], expected)
 
 
 def test_reconstruction_term_alone_reaches_the_encoder_through_straight_through():
@@ -178,8 +209,7 @@ def test_reconstruction_term_alone_reaches_the_encoder_through_straight_through(
     l1 = (model.decoder(z_q) - x).abs().mean()
     g_zq, g_ze = torch.autograd.grad(l1, [z_q, z_e], retain_graph=True)
     assert g_ze.abs().sum() > 0 and torch.equal(g_ze, g_zq)   # copied onto z_e unchanged
-    first = model.encoder[0].weight
-    g_enc, = torch.autograd.grad(l1, first, allow_unused=True)
+    g_enc, = torch.autograd.grad(l1, model.encoder[0].weight, allow_unused=True)
     assert g_enc is not None and g_enc.abs().sum() > 0
 
 
@@ -197,19 +227,22 @@ def test_dead_codes_restart_onto_encoder_outputs():
     assert torch.all(vq.hits == 0)
 
 
-@pytest.mark.parametrize("downsample,side", [(2, 7), (3, 4), (4, 2)])
-def test_token_grids_and_decode_tokens(downsample, side):
-    """Catches a grid of the wrong size for --downsample, and decode_tokens taking
-    another path than the forward pass (for example without the codebook lookup)."""
+@pytest.mark.parametrize("downsample,shape,grid", [(2, (1, 28, 28), (7, 7)), (3, (1, 28, 28), (4, 4)),
+                                                   (4, (1, 28, 28), (2, 2)), (3, (3, 20, 12), (3, 2))])
+def test_forward_token_grids_and_decode_tokens(downsample, shape, grid):
+    """Catches a grid of the wrong size for --downsample or the image size, an output of
+    another size than the input, and decode_tokens taking another path than forward (for
+    example without the codebook lookup). forward(x) on (B, C, H, W) gives x_hat and terms."""
     args = tiny_args("--downsample", str(downsample))
-    model, _ = tiny_models(args)
-    model.eval()
-    x = torch.rand(2, 1, 28, 28) * 2 - 1
-    x_hat, z_e, tokens, _, _ = model(x)
-    assert z_e.shape == (2, 8, side, side) and tokens.shape == (2, side, side)
-    assert x_hat.shape == (2, 1, 28, 28) and model.side == side
+    model = tiny_nets(args, shape)["tokenizer"].eval()
+    x = torch.rand(2, *shape) * 2 - 1
+    x_hat, terms = model(x)
+    assert x_hat.shape == x.shape and model.grid == grid
+    assert set(terms) == {"l1", "codebook", "commit"}
+    assert terms["l1"].item() == pytest.approx((x_hat - x).abs().mean().item())
+    tokens, recons = vqgan.encode(model, x, CPU, decode=True, batch_size=1)
+    assert tokens.shape == (2, *grid) and torch.allclose(recons, vqgan.to_unit(x_hat), atol=1e-6)
     assert torch.allclose(model.decode_tokens(tokens), x_hat, atol=1e-5)
-    assert torch.equal(vqgan.encode_tokens(model, x, torch.device("cpu"), batch_size=1), tokens)
 
 
 # ----------------------------------------------------------------------------- the prior
@@ -220,6 +253,7 @@ def test_prior_is_causal():
     prior = tiny_prior(K=16, T=10)
     labels, tokens = torch.tensor([3, 7]), torch.randint(0, 16, (2, 10))
     base = prior(tokens, labels)
+    assert base.shape == (2, 10, 16)                                     # logits (B, T, K)
     for s in range(10):
         changed = tokens.clone()
         changed[:, s] = (changed[:, s] + 1) % 16
@@ -287,14 +321,15 @@ def test_sampler_frequencies_match_the_priors_softmax_at_position_t(top_k):
 
 def test_losses_fall_on_a_fixed_batch(tiny_mnist_dir):
     torch.manual_seed(0)
-    x, y = vqgan.mnist_tensors(tiny_mnist_dir, "train")
-    args = tiny_args("--lr", "3e-3", "--disc-lr", "3e-3")
+    x, y = mnist(tiny_mnist_dir, "train")
+    x = x[:16]
+    args = tiny_args("--lr", "3e-3")
     model, disc = tiny_models(args)
     opt_g = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
     l1 = []
-    for step in range(60):
-        terms, x_hat, _ = vqgan.generator_step(model, disc, opt_g, x, **loss_kw(args, step >= 40))
+    for step in range(30):
+        terms, x_hat, _ = vqgan.generator_step(model, disc, opt_g, x, **loss_kw(args, step >= 20))
         vqgan.discriminator_step(disc, opt_d, x, x_hat)
         l1.append(terms["l1"].item())
     assert np.mean(l1[-5:]) < 0.6 * np.mean(l1[:5])
@@ -314,42 +349,99 @@ def test_losses_fall_on_a_fixed_batch(tiny_mnist_dir):
 
 # ----------------------------------------------------------------------------- the command line
 
-SMOKE = TINY[:-1] + ["1", "--test-limit", "32", "--num-samples", "10", "--dead-after", "1",
-                     "--batch-size", "16", "--prior-batch-size", "16"]
+SMOKE = TINY[:-1] + ["1", "--dead-after", "1", "--batch-size", "16", "--prior-batch-size", "16"]
 
 
-def test_cli_smoke_run_and_sample_only(tiny_mnist_dir, tmp_path, capsys):
+def test_cli_smoke_run_and_sample_only_beside_it(tiny_mnist_dir, tmp_path, capsys):
+    """Every output; --sample-only writes into sample_only/ beside the checkpoint, never over
+    the training run, and refuses a folder that holds a model.pt."""
     out = tmp_path / "run"
-    common = SMOKE + ["--data-dir", str(tiny_mnist_dir), "--downsample", "3"]
-    metrics = vqgan.main(common + ["--out", str(out), "--steps", "2", "--disc-start", "1"])
-    for name in ("recon.png", "samples.png", "samples.npy", "model.pt", "metrics.json"):
+    common = ["--data-dir", str(tiny_mnist_dir), "--test-limit", "20", "--num-samples", "10"]
+    metrics = vqgan.main(SMOKE + common + ["--downsample", "3", "--out", str(out), "--steps", "2"])
+    for name in ("recon.png", "recon.npy", "samples.png", "samples.npy", "sample_labels.npy",
+                 "model.pt", "metrics.json"):
         assert (out / name).is_file(), name
-    samples = np.load(out / "samples.npy")
-    assert samples.shape == (10, 1, 28, 28) and samples.min() >= 0 and samples.max() <= 1
+    samples, labels = np.load(out / "samples.npy"), np.load(out / "sample_labels.npy")
+    assert samples.shape == (10, 1, 28, 28) and samples.dtype == np.float32
+    assert samples.min() >= 0 and samples.max() <= 1
+    assert labels.dtype == np.int64 and list(labels) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert np.load(out / "recon.npy").shape == (20, 1, 28, 28)
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("test_recon_l1", "test_psnr_db", "codebook_usage", "codebook_perplexity",
-                "test_prior_nll_bits", "train_seconds", "steps", "device", "sample_fd",
-                "sample_score", "recon_fd", "judge_n"):
+                "test_prior_nll_bits", "train_seconds", "steps", "device", "test_images"):
         assert key in saved, key
-    assert saved["tokenizer_steps"] == 2 and saved["prior_steps"] == 2
+    assert saved["tokenizer_steps"] == 2 and saved["prior_steps"] == 2 and saved == metrics
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == saved
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
-    again = vqgan.main(common + ["--out", str(out), "--sample-only", "--ckpt", str(out / "model.pt"),
-                                 "--steps", "2"])                   # --steps: the small judge
+    again = vqgan.main(common + ["--sample-only", "--ckpt", str(out / "model.pt")])   # the flags: the checkpoint's
     assert again["test_recon_l1"] == pytest.approx(saved["test_recon_l1"])
     assert again["test_prior_nll_bits"] == pytest.approx(saved["test_prior_nll_bits"])
-    assert json.loads((out / "metrics.json").read_text()) == saved      # not overwritten
-    assert json.loads((out / "eval_metrics.json").read_text()) == again
+    assert (out / "sample_only" / "samples.npy").is_file()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    with pytest.raises(SystemExit) as e:
+        vqgan.main(common + ["--sample-only", "--ckpt", str(out / "model.pt"), "--out", str(out)])
+    assert "model.pt" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_your_own_images_of_another_size_and_three_channels(tmp_path):
+    """Two steps on an unlabelled (N, C, H, W) uint8 array: the model takes C, H, W from the
+    data, the prior one "no label" class, and no class labels are written."""
+    data = tmp_path / "imgs.npy"
+    np.save(data, np.random.default_rng(0).integers(0, 256, (40, 3, 12, 16), dtype=np.uint8))
+    out = tmp_path / "run"
+    metrics = vqgan.main(TINY + ["--data", str(data), "--out", str(out), "--steps", "2", "--batch-size", "8",
+                                 "--prior-batch-size", "8", "--num-samples", "5"])
+    assert np.load(out / "samples.npy").shape == (5, 3, 12, 16)
+    assert np.load(out / "recon.npy").shape == (4, 3, 12, 16)   # the last tenth is the test split
+    assert not (out / "sample_labels.npy").exists() and metrics["test_images"] == 4
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    assert ckpt["config"]["image_shape"] == [3, 12, 16] and ckpt["config"]["num_classes"] == 0
+    np.save(tmp_path / "odd.npy", np.zeros((20, 14, 14), np.uint8))
+    with pytest.raises(SystemExit) as e:
+        vqgan.main(TINY + ["--data", str(tmp_path / "odd.npy"), "--out", str(tmp_path / "odd")])
+    assert "divisible by 4" in str(e.value.code) and not (tmp_path / "odd").exists()
+
+
+def test_a_smoke_run_tokenises_only_what_the_prior_reads(monkeypatch, tiny_mnist_dir, tmp_path):
+    """Catches the whole training set tokenised for a prior that reads 2 batches (issue 26:
+    67 s of a 2-step run), and the sampler left at the caller's thread count or not
+    restoring it."""
+    seen, threads, encode, sample = [], [], vqgan.encode, vqgan.sample_tokens
+    monkeypatch.setattr(vqgan, "encode", lambda model, x, *a, **k: seen.append(len(x)) or encode(model, x, *a, **k))
+    monkeypatch.setattr(vqgan, "sample_tokens",
+                        lambda *a, **k: threads.append(torch.get_num_threads()) or sample(*a, **k))
+    caller = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        vqgan.main(SMOKE + ["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path / "o"), "--steps", "2",
+                            "--prior-batch-size", "8", "--test-limit", "20", "--num-samples", "10"])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(caller)
+    assert seen == [2 * 8, 20] and threads == [1]   # train: 2 steps of 8; test: --test-limit 20
+
+
+def test_help_reads_the_right_way_round(capsys):
+    with pytest.raises(SystemExit):
+        vqgan.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "--gan, --no-gan" in text and "--no-gan (default: True)" not in text
+    description = text.split("\n\n")[1]
+    assert description.startswith("VQGAN:") and description.rstrip().endswith(".")
+    options = text.split("options:")[1].split("\n  -")[2:]      # every flag but --help
+    assert options and all("(default:" in o for o in options), [o for o in options if "(default:" not in o]
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--lr", "-1"], "--lr"), (["--disc-lr", "0"], "--disc-lr"), (["--prior-lr", "nan"], "--prior-lr"),
-    (["--beta", "-0.1"], "--beta"), (["--max-lambda", "-1"], "--max-lambda"),
+    (["--lr", "-1"], "--lr"), (["--prior-lr", "nan"], "--prior-lr"),
+    (["--beta", "-0.1"], "--beta"), (["--disc-weight", "-1"], "--disc-weight"),
     (["--top-k", "-1"], "--top-k"), (["--temperature", "0"], "--temperature"),
-    (["--K", "16"], "--codebook-size"), (["--restart-every=5"], "--dead-after"),
     (["--codebook-size", "0"], "--codebook-size"), (["--downsample", "5"], "--downsample"),
     (["--width", "12"], "--width"), (["--prior-width", "30"], "--prior-width"),
-    (["--dead-after", "-1"], "--dead-after"), (["--sample-only"], "--ckpt")])
+    (["--dead-after", "-1"], "--dead-after"), (["--sample-only"], "--ckpt"),
+    (["--sample-only", "--ckpt", "m.pt", "--codebook-size", "32"], "--codebook-size")])
 def test_bad_flags_get_usage_and_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         vqgan.parse_args(argv)
@@ -358,36 +450,43 @@ def test_bad_flags_get_usage_and_one_line(argv, message, capsys):
 
 
 def broken_checkpoints(tmp_path):
-    """A valid tiny checkpoint, then copies with a broken config or broken weights."""
+    """A valid tiny checkpoint's config and weights, saved broken in several ways."""
     args = tiny_args()
-    model, disc, prior = vqgan.build(vars(args), torch.device("cpu"))
-    state = {"tokenizer": model.state_dict(), "disc": disc.state_dict(), "prior": prior.state_dict()}
-    cases = {"not a checkpoint": b"not a checkpoint"}
-    for name, cfg, weights in (
-            ("missing key", {k: v for k, v in vars(args).items() if k != "width"}, state),
-            ("wrong type", {**vars(args), "codebook_size": "16"}, state),
-            ("out of range", {**vars(args), "width": 12}, state),
-            ("huge", {**vars(args), "code_dim": 5000}, state),
-            ("weights", {**vars(args), "codebook_size": 32}, state),
-            ("no tokenizer", vars(args), {"prior": state["prior"]})):
-        vqgan.save_checkpoint(tmp_path / f"{name}.pt", weights, cfg)
+    nets = tiny_nets(args)
+    cfg, state = {"image_shape": [1, 28, 28], "num_classes": 10,
+                  **{k: getattr(args, k) for k in vqgan.MODEL_FLAGS}}, nets.state_dict()
+    cases = {}
+    for name, c, weights in (
+            ("missing key", {k: v for k, v in cfg.items() if k != "width"}, state),
+            ("wrong type", {**cfg, "codebook_size": "16"}, state),
+            ("out of range", {**cfg, "width": 12}, state),
+            ("weights", {**cfg, "codebook_size": 32}, state),
+            ("other data", {**cfg, "image_shape": [1, 32, 32]}, tiny_nets(args, (1, 32, 32)).state_dict()),
+            ("no tokenizer", cfg, {k: v for k, v in state.items() if not k.startswith("tokenizer.")})):
+        vqgan.save_checkpoint(tmp_path / f"{name}.pt", c, weights)
         cases[name] = tmp_path / f"{name}.pt"
-    (tmp_path / "not a checkpoint.pt").write_bytes(cases["not a checkpoint"])
-    cases["not a checkpoint"] = tmp_path / "not a checkpoint.pt"
+    cases["not a checkpoint"] = tmp_path / "junk.pt"
+    cases["not a checkpoint"].write_bytes(b"not a checkpoint")
+    cases["truncated"] = tmp_path / "truncated.pt"
+    cases["truncated"].write_bytes((tmp_path / "weights.pt").read_bytes()[:3000])
+    torch.save({"script": "vqvae", "config": cfg, "model": state}, tmp_path / "other.pt")
+    cases["another script's"] = tmp_path / "other.pt"
     return cases
 
 
 def test_bad_files_and_states_fail_in_one_line_leaving_nothing(tiny_mnist_dir, tmp_path):
-    """Catches tracebacks from deep inside torch on a broken checkpoint, a batch
-    larger than the training set, and --out naming a file."""
-    base = SMOKE + ["--data-dir", str(tiny_mnist_dir), "--steps", "1"]
-    runs = [["--out", str(tmp_path / "file")], ["--batch-size", "65"], ["--prior-batch-size", "100"]]
+    """Catches tracebacks from deep inside torch on a broken checkpoint, a batch larger than
+    the training set, missing data, and --out naming a file."""
+    common = ["--data-dir", str(tiny_mnist_dir), "--test-limit", "20", "--num-samples", "10"]
+    runs = [SMOKE + ["--steps", "1"] + extra for extra in (
+        ["--out", str(tmp_path / "file")], ["--batch-size", "65"], ["--prior-batch-size", "100"],
+        ["--data-dir", str(tmp_path / "nowhere")], ["--data", str(tmp_path / "none.npy")])]
     (tmp_path / "file").write_text("mine")
     runs += [["--sample-only", "--ckpt", str(path)] for path in broken_checkpoints(tmp_path).values()]
     for i, extra in enumerate(runs):
         out = tmp_path / f"out{i}"
         with pytest.raises(SystemExit) as e:
-            vqgan.main(base + ["--out", str(out)] + extra)
+            vqgan.main(common + ["--out", str(out)] + extra)
         message = str(e.value.code)
         assert message.startswith("error: ") and "\n" not in message, (extra, message)
         assert not out.exists() or not any(out.iterdir()), extra
