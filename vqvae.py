@@ -423,7 +423,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--data", default="mnist", help="mnist, or a .npy of (N, H, W) or (N, C, H, W) images, H and W multiples of 4")
+    add("--data", default="mnist", help="mnist, or a .npy of images (N, H, W) or (N, C, H, W); H, W multiples of 4")
     add("--data-dir", default=str(Path(__file__).parent / "data" / "mnist"), help="MNIST's folder")
     add("--out", help="output folder (None: runs/vqvae, or with --sample-only sample_only/ beside --ckpt)")
     add("--epochs", type=positive_int, default=5, help="stage one (VQ-VAE) epochs")
@@ -454,7 +454,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.prior_width % args.prior_heads:
         p.error("--prior-width must be a multiple of --prior-heads")
-    given = [f"--{k.replace('_', '-')}" for k in MODEL_FLAGS if getattr(args, k) != p.get_default(k)]
+    given = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in MODEL_FLAGS
+             if getattr(args, k) != p.get_default(k)]
     if args.sample_only and (given or not args.ckpt):
         p.error(f"--sample-only needs --ckpt and takes no flag that shapes the model ({', '.join(given)})")
     return args
