@@ -230,9 +230,7 @@ class Tokenizer(nn.Module):
 
     def to_code(self, tokens):
         """Tokens (...) -> codes (..., d)."""
-        if self.levels is None:
-            return index_to_code(tokens, self.dim)
-        return fsq_index_to_code(tokens, self.fsq_levels)
+        return index_to_code(tokens, self.dim) if self.levels is None else fsq_index_to_code(tokens, self.fsq_levels)
 
     def forward(self, x, tau=1.0, groups=None):
         """x (B, C, H, W) -> (x_hat (B, C, H, W), every term of the stage-one loss), as means
