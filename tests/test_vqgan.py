@@ -406,21 +406,28 @@ def test_your_own_images_of_another_size_and_three_channels(tmp_path):
 
 def test_a_smoke_run_tokenises_only_what_the_prior_reads(monkeypatch, tiny_mnist_dir, tmp_path):
     """Catches the whole training set tokenised for a prior that reads 2 batches (issue 26:
-    67 s of a 2-step run), and the sampler left at the caller's thread count or not
-    restoring it."""
-    seen, threads, encode, sample = [], [], vqgan.encode, vqgan.sample_tokens
+    67 s of a 2-step run)."""
+    seen, encode = [], vqgan.encode
     monkeypatch.setattr(vqgan, "encode", lambda model, x, *a, **k: seen.append(len(x)) or encode(model, x, *a, **k))
-    monkeypatch.setattr(vqgan, "sample_tokens",
-                        lambda *a, **k: threads.append(torch.get_num_threads()) or sample(*a, **k))
-    caller = torch.get_num_threads()
+    vqgan.main(SMOKE + ["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path / "o"), "--steps", "2",
+                        "--prior-batch-size", "8", "--test-limit", "20", "--num-samples", "10"])
+    assert seen == [2 * 8, 20]   # train: 2 steps of 8 images; test: --test-limit 20
+
+
+def test_sampling_runs_at_one_thread_and_gives_the_callers_back(monkeypatch, tmp_path):
+    """Catches the token loop left at the caller's thread count, or the count not restored."""
+    threads, sample = [], vqgan.sample_tokens
+    monkeypatch.setattr(vqgan, "sample_tokens", lambda *a, **k: threads.append(torch.get_num_threads()) or sample(*a, **k))
+    args = tiny_args("--num-samples", "3")
+    nets, caller = tiny_nets(args), torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        vqgan.main(SMOKE + ["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path / "o"), "--steps", "2",
-                            "--prior-batch-size", "8", "--test-limit", "20", "--num-samples", "10"])
+        vqgan.evaluate_and_sample(args, nets["tokenizer"], nets["prior"], 10, torch.rand(4, 1, 28, 28) * 2 - 1,
+                                  torch.arange(4), tmp_path, CPU)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(caller)
-    assert seen == [2 * 8, 20] and threads == [1]   # train: 2 steps of 8; test: --test-limit 20
+    assert threads == [1] and np.load(tmp_path / "samples.npy").shape == (3, 1, 28, 28)
 
 
 def test_help_reads_the_right_way_round(capsys):
