@@ -51,8 +51,8 @@ TEST_BINARIZATION_SEED = 1234  # the test set is binarised once, the same for ev
 
 class VAE(nn.Module):
     """Encoder x -> (mu, logvar) of Q(z|x), decoder z -> logits of P_D(x|z): MLPs over D = C H W
-    pixels. model(x), x (B, C, H, W), is (logits (B, C, H, W) at one z ~ Q(z|x), mu, logvar),
-    what elbo_terms takes. likelihood="gaussian": mean sigmoid(logits), fixed sigma."""
+    pixels. model(x), x (B, C, H, W), returns (logits (B, C, H, W) at one z ~ Q(z|x), mu, logvar);
+    elbo_terms(model, x) makes the loss's terms of them. Gaussian: mean sigmoid(logits), fixed sigma."""
 
     def __init__(self, z_dim=32, hidden=512, likelihood="bernoulli", sigma=0.1, image_shape=(1, 28, 28)):
         super().__init__()
@@ -261,7 +261,7 @@ def parse_args(argv=None):
     add("--steps", type=nonnegative_int, default=0, help="cap on optimizer steps (0: no cap)")
     add("--batch-size", type=positive_int, default=256, help="images per step")
     add("--lr", type=positive_float, default=2e-3, help="Adam's peak learning rate")
-    add("--schedule", choices=["cosine", "constant"], default="cosine", help="of the lr: decay to 0, or none")
+    add("--schedule", choices=["cosine", "constant"], default="cosine", help="cosine: the lr decays to 0")
     add("--z-dim", type=positive_int, default=32, help="latent dimensions (2 adds manifold.png)")
     add("--hidden", type=positive_int, default=512, help="units of each hidden layer")
     add("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli",
