@@ -12,33 +12,29 @@ needs, in order, so every autoregressive model is a compressor: the decoder
 replays the same model on the bytes it has decoded so far (Witten, Neal &
 Cleary, "Arithmetic coding for data compression", CACM 1987).
 
-Top to bottom: the textbook coder (one bit per loop: the specification), the
-fast integer coder (all settled bits at once: the same bytes), the quantiser
-(float probabilities -> integer frequencies, each >= 1), an adaptive order-0
-model, a byte-level GRU coded in lock-step streams, the container, the CLI.
-The appendix: plumbing, the archive format and its checks, the training text,
-CLI helpers, the PPM context model (the default of `compress`), the benchmark.
-Neural archives depend on float kernels: the header records torch, device, CPU
-kernel path and a hash of the quantised tables on a fixed probe, and a machine
-that would compute other tables refuses before decoding (an integer-exact GRU
-would make archives portable, at the cost of a rewrite).
+Top to bottom: the textbook coder (one bit per loop: the specification), the fast integer
+coder (all settled bits at once: the same bytes), the quantiser (float probabilities ->
+integer frequencies, each >= 1), three models of P(x_t | x_<t): adaptive order 0, a PPM
+context model (the default of `compress`), a byte-level GRU coded in lock-step streams at
+one thread (its archives record torch, device, CPU kernels and a hash of the tables on a
+fixed probe: a machine that would compute other tables refuses); the container, the CLI.
 
 Shape legend: B parallel streams (or batch), T time steps, V = 256 byte values, H hidden units.
 
-Run:   python arith_coding.py                      (= train: about 9 minutes on a 2-core CPU)
+Run:   python arith_coding.py                      (= train: about 13 minutes on a 2-core CPU)
        python arith_coding.py compress IN OUT [--model context|order0|neural]
        python arith_coding.py decompress OUT IN.copy [--max-size BYTES]
-       python arith_coding.py sample --model neural --num-samples 400
-       python arith_coding.py bench                (archive sizes against zlib, bz2, xz; speeds)
+       python arith_coding.py sample --num-samples 400
+       python tools/compression_bench.py           (archives against zlib, bzip2, xz)
 train writes runs/arith_coding/: model.pt, samples.txt and metrics.json (held-out: 1.70 bits/byte).
 """
 import argparse
-import bz2
 import hashlib
+import itertools
 import json
-import lzma
 import math
 import os
+import platform
 import random
 import struct
 import sys
@@ -63,7 +59,8 @@ SCRIPT = "arith_coding"
 # it and double the interval. While it straddles the middle inside
 # [QUARTER, 3 QUARTER) (E3, underflow) the next bit is not known yet but will be
 # the opposite of the one after it: count a pending bit and double around the
-# middle. At the end, two more bits pin a point inside the interval.
+# middle. At the end, two more bits pin a point inside the interval. The decoder
+# (ArithmeticDecoder, below) repeats these steps on a window of the code stream.
 
 class TextbookEncoder:
     """The bit-at-a-time encoder: the specification ArithmeticEncoder must match byte for byte."""
@@ -102,45 +99,6 @@ class TextbookEncoder:
         self._put(0 if self.low < self.quarter else 1)
         bits = self.bits + [0] * (-len(self.bits) % 8)
         return bytes(int("".join(map(str, bits[i:i + 8])), 2) for i in range(0, len(bits), 8))
-
-
-class TextbookDecoder:
-    """The bit-at-a-time decoder: `value` is a state_bits-bit window on the code
-    stream (zeros past its end), shifted exactly as low and high are."""
-
-    def __init__(self, data, state_bits=32):
-        self.half, self.quarter = 1 << (state_bits - 1), 1 << (state_bits - 2)
-        self.low, self.high = 0, (1 << state_bits) - 1
-        self.bits = [(byte >> (7 - i)) & 1 for byte in data for i in range(8)]
-        self.pos, self.value = 0, 0
-        for _ in range(state_bits):
-            self.value = 2 * self.value + self._bit()
-
-    def _bit(self):
-        self.pos += 1
-        return self.bits[self.pos - 1] if self.pos <= len(self.bits) else 0
-
-    def target(self, total):
-        """The count c with floor(width lo / total) <= value - low < floor(width hi / total)."""
-        return ((self.value - self.low + 1) * total - 1) // (self.high - self.low + 1)
-
-    def consume(self, low_count, high_count, total):
-        width = self.high - self.low + 1
-        self.high = self.low + width * high_count // total - 1
-        self.low = self.low + width * low_count // total
-        half, quarter = self.half, self.quarter
-        while True:
-            if self.high < half:
-                pass
-            elif self.low >= half:
-                self.low, self.high, self.value = self.low - half, self.high - half, self.value - half
-            elif self.low >= quarter and self.high < 3 * quarter:
-                self.low, self.high = self.low - quarter, self.high - quarter
-                self.value -= quarter
-            else:
-                break
-            self.low, self.high = 2 * self.low, 2 * self.high + 1
-            self.value = 2 * self.value + self._bit()
 
 
 # ----------------------------------------------------------------------------- the fast coder and the quantiser
@@ -347,90 +305,221 @@ def cumulative(freq):
 # --- end shared ---
 
 
-# ----------------------------------------------------------------------------- an adaptive order-0 model
+# ----------------------------------------------------------------------------- adaptive models of bytes
 #
-# Each model codes one byte with encode(enc, x) and decodes one with decode(dec),
-# updating itself afterwards from the byte alone: the decoder's copy of the
-# model sees exactly what the encoder's copy saw.
+# A model codes byte x with code(encoder, x) and decodes one with code(decoder),
+# updating itself afterwards from the byte alone: the decoder's copy of the model
+# sees exactly what the encoder's copy saw. One path does both directions.
+
+def code_symbol(coder, s, cum):
+    """Encode symbol s, whose counts are [cum[s], cum[s + 1]) of cum[-1], or decode one
+    when s is None (the decoder finds s from its stream). A binary event with counts
+    (n0, n1) is the symbol 0 or 1 under cum = (0, n0, n0 + n1)."""
+    if s is None:
+        return coder.decode_symbol(cum)
+    coder.encode(int(cum[s]), int(cum[s + 1]), int(cum[-1]))
+    return s
+
 
 class Order0Model:
     """Adaptive order 0: P(x_t = s | x_<t) = n_s / sum(n), with n_s = 1 + count
     of s so far; when sum(n) reaches `limit` all counts are halved (rounding up),
-    which keeps the model adaptive and the total within the coder's range.
-
-    The cumulative table lives in a Fenwick tree: prefix sums, updates and the
-    decoder's search each cost log2(256) = 8 steps instead of 256."""
+    which keeps the model adaptive and the total within the coder's range."""
 
     def __init__(self, limit=1 << 16):
-        self.limit = limit
-        self.freq = [1] * 256
-        self._rebuild()
+        self.limit, self.cum = limit, np.arange(257, dtype=np.int64)  # cum[s] = n_0 + ... + n_(s-1)
 
-    def _rebuild(self):
-        self.total = sum(self.freq)
-        self.tree = tree = [0] * 257  # tree[i] = sum of freq over (i - lowbit(i), i]
-        for s, f in enumerate(self.freq):
-            i = s + 1
-            while i <= 256:
-                tree[i] += f
-                i += i & -i
-
-    def _update(self, s):
-        self.freq[s] += 1
-        tree = self.tree
-        i = s + 1
-        while i <= 256:
-            tree[i] += 1
-            i += i & -i
-        self.total += 1
-        if self.total >= self.limit:
-            self.freq = [(f + 1) // 2 for f in self.freq]
-            self._rebuild()
-
-    def cum_low(self, s):
-        """sum(freq[0:s]) from the tree: one step per set bit of s."""
-        tree, lo, i = self.tree, 0, s
-        while i:
-            lo += tree[i]
-            i &= i - 1
-        return lo
-
-    def encode(self, enc, s):
-        lo = self.cum_low(s)
-        enc.encode(lo, lo + self.freq[s], self.total)
-        self._update(s)
-
-    def decode(self, dec):
-        target = rest = dec.target(self.total)
-        tree, pos, step = self.tree, 0, 128
-        while step:  # binary descent: the largest pos with prefix(pos) <= target
-            t = tree[pos + step]
-            if t <= rest:
-                pos += step
-                rest -= t
-            step >>= 1
-        lo = target - rest
-        dec.consume(lo, lo + self.freq[pos], self.total)
-        self._update(pos)
-        return pos
+    def code(self, coder, x=None):
+        x = code_symbol(coder, x, self.cum)
+        self.cum[x + 1:] += 1  # n_x += 1
+        if self.cum[-1] >= self.limit:
+            self.cum = cumulative((np.diff(self.cum) + 1) // 2)
+        return x
 
 
 def encode_with(model, data, state_bits=32, enc=None):
-    """Code the bytes `data` with a per-byte model; returns (payload, encoder)."""
-    enc = ArithmeticEncoder(state_bits) if enc is None else enc
+    """Code the bytes `data` with a byte model; returns (payload, encoder)."""
+    enc = enc or ArithmeticEncoder(state_bits)
     for x in data:
-        model.encode(enc, x)
+        model.code(enc, x)
     return enc.finish(), enc
 
 
 def decode_with(model, payload, n, state_bits=32):
     dec = ArithmeticDecoder(payload, state_bits)
-    return bytes(model.decode(dec) for _ in range(n))
+    return bytes(model.code(dec) for _ in range(n))
+
+
+# ----------------------------------------------------------------------------- a PPM context model
+# (the default of `compress`: stronger on text, full of engineering, the same method)
+
+# Kind of a byte for the escape classes: 0 blank, 1 newline, 2 word (letters, digits, _), 3 other.
+BYTE_KIND = [0 if b in b" \t" else 1 if b == 10 else 2 if chr(b).isalnum() or b == 95 else 3
+             for b in range(256)]
+# The model's own count of its memory, in bytes (CPython 3.11, fitted to the growth of RSS):
+NODE_BYTES = 176    # one context: its integer key, its dict slot, a small bytearray
+PAIR_BYTES = 2      # one (byte, count) pair inside a context's bytearray
+MATCH_BYTES = 128   # one match-table entry: a 64-bit hash key, a position, its dict slot
+
+
+class ContextModel:
+    """PPM with full exclusion, update exclusion, SEE, a match model and a memory budget.
+
+    The longest context of the last `order` bytes that has been seen predicts first.
+    In a context whose candidate bytes have counts c_s (d of them):
+        P(x in this context) = q,       P(s | in it) = (2 c_s - 1) / sum_s' (2 c_s' - 1)
+    and 1 - q escapes to the next shorter context, with the bytes already ruled out
+    excluded. PPM method D would fix q = 1 - d / sum(2 c_s); here q is learned per class
+    of contexts (secondary escape estimation, SEE, as in PPMZ/PPMd). Below order 0 a
+    uniform order -1 ends the chain. Only the contexts from the order that coded the
+    byte upwards are updated (update exclusion; Cleary & Witten 1984, Moffat 1990).
+    In front of PPM, a match model (as in LZP and lpaq) predicts the byte that followed
+    the last occurrence of the previous `min_match` bytes; on a miss PPM codes the byte
+    with it excluded. A context is a bytearray of (byte, count) pairs (counts <= limit
+    < 255); past `memory_mb` MB of tables the model starts afresh, as PPMd does."""
+
+    def __init__(self, order=10, limit=250, min_match=64, memory_mb=700):
+        self.order, self.limit, self.min_match = order, limit, min_match
+        self.budget = memory_mb << 20
+        self.masks = [(1 << (8 * k)) - 1 for k in range(order + 1)]
+        self.history = self.resets = 0    # the last `order` bytes as one integer; budget resets
+        self.match_counts = {}            # match class -> [hits, misses]
+        self.see_counts = {}              # context class -> [present, escaped]
+        self._forget()
+
+    def _forget(self):
+        """Empty tables (at the start, and when the memory budget is spent)."""
+        self.tables = [{} for _ in range(self.order + 1)]  # tables[k][last k bytes] -> pairs
+        self.data = bytearray()           # everything seen since, for the match model
+        self.match_table = {}             # hash of min_match bytes -> position after them
+        self.match_ptr = self.match_len = self.used = 0
+
+    @staticmethod
+    def _find(node, x):
+        """Index of byte x among the pairs of node (even positions), or -1."""
+        i = node.find(x)
+        while i > 0 and i & 1:
+            i = node.find(x, i + 1)
+        return i
+
+    def _candidates(self, node, excluded):
+        """[(byte, 2c - 1)] of a context node, minus excluded bytes; insertion order."""
+        return [(s, 2 * c - 1) for s, c in zip(node[0::2], node[1::2]) if s not in excluded]
+
+    def _predicted(self):
+        """(predicted byte, its [hits, misses] counts) or (None, None) without a match. Counts
+        are kept per class: log2 of how far the match has run past min_match, and what the
+        longest PPM context says of the guess (no such context / unseen / once / more)."""
+        if not self.match_len:
+            return None, None
+        guess = self.data[self.match_ptr]
+        node, c = self.tables[self.order].get(self.history), -1
+        if node is not None:
+            i = self._find(node, guess)
+            c = node[i + 1] if i >= 0 else 0
+        key = (min((self.match_len - self.min_match).bit_length(), 15), min(c, 2))
+        return guess, self.match_counts.setdefault(key, [1, 1])
+
+    def code(self, coder, x=None):
+        """Encode byte x with an ArithmeticEncoder, or decode one (x None) with an
+        ArithmeticDecoder; returns the byte."""
+        guess, bucket = self._predicted()
+        excluded, events, found = set(), [], -1
+        if guess is not None:  # the match model first: "the guess comes next", or not
+            if not code_symbol(coder, None if x is None else x != guess, (0, bucket[0], sum(bucket))):
+                self._update(guess, 0, bucket)
+                return guess
+            excluded.add(guess)
+        for k in range(self.order, -1, -1):
+            node = self.tables[k].get(self.history & self.masks[k])
+            cands = self._candidates(node, excluded) if node is not None else None
+            if not cands:
+                continue
+            # First a binary event, "x is one of this context's candidates", with
+            # odds learned per class (SEE); then which one, by counts. If the
+            # candidates are all the bytes not excluded, x is among them.
+            if len(cands) + len(excluded) < 256:
+                odds = self._escape_odds(k, cands, node)
+                escape = None if x is None else x in excluded or self._find(node, x) < 0
+                escape = code_symbol(coder, escape, (0, odds[0], odds[0] + odds[1]))
+                events.append((odds, not escape))
+                if escape:
+                    excluded.update(node[0::2])
+                    continue
+            syms, cum = [s for s, _ in cands], [0, *itertools.accumulate(f for _, f in cands)]
+            i = 0 if len(syms) == 1 else code_symbol(coder, None if x is None else syms.index(x), cum)
+            x, found = syms[i], k
+            break
+        else:  # order -1: uniform over the byte values not excluded
+            rest = [s for s in range(256) if s not in excluded]
+            x = rest[code_symbol(coder, None if x is None else rest.index(x), range(len(rest) + 1))]
+        self._update(x, found, bucket, events)
+        return x
+
+    def _escape_odds(self, k, cands, node):
+        """[present, escaped] counts shared by the contexts of one class: order k,
+        number of candidates d, their total count, whether exclusions removed any,
+        and the kinds of the last two bytes (blank, newline, word, punctuation)."""
+        d, n = len(cands), sum(f for _, f in cands)
+        key = (k, min(d, 7), min(n, 31) if d == 1 else 32 + min(n.bit_length(), 12),
+               len(node) // 2 == d, BYTE_KIND[self.history & 255], BYTE_KIND[(self.history >> 8) & 255])
+        return self.see_counts.setdefault(key, [1, 1])
+
+    def _update(self, x, found, bucket, events=()):
+        """Learn from byte x, coded by PPM order `found` (-1: order -1), or by the
+        match model (found = 0 and a hit: PPM then updates its order-0 upwards)."""
+        if bucket is not None:
+            events = list(events) + [(bucket, x == self.data[self.match_ptr])]
+        for b, hit in events:
+            b[0 if hit else 1] += 1
+            if b[0] + b[1] > 1024:
+                b[0], b[1] = (b[0] + 1) // 2, (b[1] + 1) // 2
+        self._update_contexts(x, found)
+        self._update_match(x)
+        if self.used > self.budget:
+            self.resets += 1
+            self._forget()
+
+    def _update_contexts(self, x, found):
+        h = self.history
+        for k in range(max(found, 0), self.order + 1):
+            key = h & self.masks[k]
+            node = self.tables[k].get(key)
+            if node is None:
+                self.tables[k][key] = bytearray((x, 1))
+                self.used += NODE_BYTES + PAIR_BYTES
+            elif (i := self._find(node, x)) < 0:
+                node += bytes((x, 1))
+                self.used += PAIR_BYTES
+            else:
+                node[i + 1] += 1
+                if node[i + 1] > self.limit:  # halve: old statistics fade, counts stay small
+                    node[1::2] = bytes((c + 1) // 2 for c in node[1::2])
+        self.history = ((h << 8) | x) & self.masks[self.order]
+
+    def _update_match(self, x):
+        """Extend the current match, or look the context up afresh."""
+        data = self.data
+        data.append(x)
+        self.used += 1
+        if self.match_len and data[self.match_ptr] == x:
+            self.match_len, self.match_ptr = self.match_len + 1, self.match_ptr + 1
+        else:
+            self.match_len = 0
+        m, w = self.min_match, data[-self.min_match:]
+        if len(data) >= m:
+            key = zlib.crc32(w) | zlib.adler32(w) << 32  # 64 bits, and the same in every run
+            if not self.match_len and self.match_table.get(key, 0):
+                self.match_ptr, self.match_len = self.match_table[key], m
+            if key not in self.match_table:
+                self.used += MATCH_BYTES
+            self.match_table[key] = len(data)
 
 
 # ----------------------------------------------------------------------------- the neural model, coded in lock-step
 
-START = 10  # '\n' stands in for the byte before each stream's first byte
+START = 10        # '\n' stands in for the byte before each stream's first byte
+MIN_CHUNK = 4096  # bytes per stream at least: each stream starts cold, from START
 
 
 class ByteGRU(nn.Module):
@@ -448,178 +537,156 @@ class ByteGRU(nn.Module):
         return self.head(y), h
 
 
-def bits_per_byte_loss(logits, x):
-    """Cross-entropy in bits per byte: mean -log2 P(x_t | x_<t)."""
-    return F.cross_entropy(logits.reshape(-1, 256), x.reshape(-1)) / math.log(2)
-
-
-def stream_layout(n, max_streams, min_chunk=4096):
-    """Cut n bytes into B consecutive streams of `chunk` bytes (the last one
-    shorter): the lengths of the B streams coded in lock-step."""
-    if n == 0:
-        return []
-    chunk = max(min_chunk, -(-n // max_streams))
+def stream_lengths(n, max_streams, chunk=None):
+    """The lengths of the B streams coded in lock-step: n bytes cut into consecutive
+    chunks (the last one shorter), at most max_streams of at least MIN_CHUNK bytes."""
+    chunk = chunk or max(MIN_CHUNK, -(-n // max_streams))
     return [min(chunk, n - i) for i in range(0, n, chunk)]
 
 
 @torch.no_grad()
-def neural_lockstep(model, device, lengths, k, code_step):
-    """Drive B = len(lengths) coders in lock-step, one byte of every stream per
-    model call. The encoder and the decoder both run exactly this loop: the same
-    calls on tensors of the same shape, so the same floats, so the same integer
-    frequencies. code_step(t, probs, cum) codes (or decodes) byte t of each
-    stream and returns the B bytes to feed back (START where a stream ended)."""
+def neural_lockstep(model, device, lengths, k, code_step, label="probe"):
+    """Drive B = len(lengths) coders in lock-step, one byte of every stream per model
+    call. The encoder and the decoder both run exactly this loop: the same calls on
+    tensors of the same shape, at one thread, so the same floats and integer tables.
+    code_step(t, probs, cum) codes byte t of each stream, returns the B bytes to feed
+    back (START where a stream ended)."""
     model.eval()
-    prev = torch.full((len(lengths), 1), START, dtype=torch.long, device=device)  # (B, 1)
-    h = None
-    for t in range(max(lengths, default=0)):
-        logits, h = model(prev, h)                                 # (B, 1, V)
-        probs = torch.softmax(logits[:, 0].float(), -1).cpu().numpy()  # (B, V)
-        cum = cumulative(quantise(probs, k))                       # (B, V + 1)
-        x = code_step(t, probs, cum)
-        prev = torch.as_tensor(x, dtype=torch.long, device=device).view(-1, 1)
+    steps, threads = max(lengths, default=0), torch.get_num_threads()
+    progress = Progress(steps, label)
+    torch.set_num_threads(1)  # threads split a matmul's sums: another count, other floats
+    try:
+        prev, h = torch.full((len(lengths), 1), START, dtype=torch.long, device=device), None  # (B, 1)
+        for t in range(steps):
+            logits, h = model(prev, h)                                     # (B, 1, V)
+            probs = torch.softmax(logits[:, 0].float(), -1).cpu().numpy()  # (B, V)
+            x = code_step(t, probs, cumulative(quantise(probs, k)))       # cum (B, V + 1)
+            prev = torch.as_tensor(x, dtype=torch.long, device=device).view(-1, 1)
+            progress(t + 1, len(lengths))
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting, whatever happened
 
 
-def neural_encode(model, device, data, lengths, k=24, state_bits=32, measure=None):
-    """-> one payload per stream. `measure` (a dict) receives the ideal code
-    length under the float model and under the quantised model, in bits."""
-    chunk = lengths[0] if lengths else 0
-    x = np.full((len(lengths), chunk), START, np.int64)
-    x.reshape(-1)[:len(data)] = np.frombuffer(data, np.uint8)
-    encs = [ArithmeticEncoder(state_bits) for _ in lengths]
-    rows = np.arange(len(lengths))
-    float_bits = quant_bits = 0.0
-
+def neural_code(model, device, coders, lengths, k=24, data=None, label="code"):
+    """Encode `data` with one ArithmeticEncoder per stream, or decode (data None) with
+    one ArithmeticDecoder per stream; -> the bytes coded."""
+    columns = []  # byte t of every stream; grows as it decodes (nothing sized by a header)
     def code_step(t, probs, cum):
-        nonlocal float_bits, quant_bits
-        xt = x[:, t]
-        lo, hi = cum[rows, xt], cum[rows, xt + 1]
-        live = rows if t < lengths[-1] else rows[:-1]  # only the last stream may be shorter
-        lo_l, hi_l = lo.tolist(), hi.tolist()
-        for b in live.tolist():
-            encs[b].encode(lo_l[b], hi_l[b], 1 << k)
-        if measure is not None:
-            float_bits -= np.log2(probs[live, xt[live]].astype(np.float64)).sum()
-            quant_bits -= np.log2((hi[live] - lo[live]) / (1 << k)).sum()
-        return xt
-
-    neural_lockstep(model, device, lengths, k, code_step)
-    if measure is not None:
-        measure.update(float_bits=float(float_bits), quantised_bits=float(quant_bits))
-    return [e.finish() for e in encs]
-
-
-def neural_decode(model, device, payloads, lengths, k=24, state_bits=32):
-    decs = [ArithmeticDecoder(p, state_bits) for p in payloads]
-    rows = np.arange(len(lengths))
-    total, columns = 1 << k, []  # grows with the bytes decoded (nothing sized by the header)
-
-    def code_step(t, probs, cum):
-        live = rows if t < lengths[-1] else rows[:-1]
-        targets = np.array([decs[b].target(total) for b in live.tolist()], np.int64)
-        # the symbol s with cum[s] <= target < cum[s + 1], for every live stream
-        s = (cum[live, 1:] <= targets[:, None]).sum(1)
-        lo, hi = cum[live, s].tolist(), cum[live, s + 1].tolist()
-        for b, l, h in zip(live.tolist(), lo, hi):
-            decs[b].consume(l, h, total)
-        x = np.full(len(rows), START, np.int64)
-        x[live] = s
+        x = np.full(len(lengths), START, np.int64)
+        for b in range(len(lengths) if t < lengths[-1] else len(lengths) - 1):  # the last may end first
+            x[b] = code_symbol(coders[b], None if data is None else data[b * lengths[0] + t], cum[b])
         columns.append(x.astype(np.uint8))
         return x
-
-    neural_lockstep(model, device, lengths, k, code_step)
-    if not columns:
-        return b""
-    return np.stack(columns, 1).reshape(-1)[:sum(lengths)].tobytes()
+    neural_lockstep(model, device, lengths, k, code_step, label)
+    return np.stack(columns, 1).reshape(-1)[:sum(lengths)].tobytes() if columns else b""
 
 
-def load_neural(ckpt_path, device):
+def load_gru(path, device):
     """(model on device, sha256 of the checkpoint file) or a one-line error."""
-    ckpt = load_checkpoint(ckpt_path)
-    cfg = checkpoint_config(ckpt, {"hidden": int, "embed": int}, ckpt_path)
-    if not (1 <= cfg["hidden"] <= 8192 and 1 <= cfg["embed"] <= 8192):
-        raise RunError(f"{ckpt_path}: config hidden {cfg['hidden']} / embed {cfg['embed']} out of range")
-    model = load_weights(ByteGRU(cfg["hidden"], cfg["embed"]), ckpt["model"], ckpt_path).to(device)
-    return model, hashlib.sha256(Path(ckpt_path).read_bytes()).hexdigest()
+    model, _ = load_checkpoint(path, lambda config: ByteGRU(config["hidden"], config["embed"]))
+    return model.to(device), hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+PROBE = b"import os\n\ndef main(argv=None):\n    return 0\n"  # the fingerprint's fixed input
+
+
+def fingerprint(model, device, n_streams, k):
+    """What decides the quantised tables besides the model: torch, the device and its
+    kernels (GPU, or CPU architecture and instruction set), and for what these miss, a
+    hash of the tables on a fixed probe at the archive's stream count (kernels are
+    chosen by shape). Not the thread count: the coder always runs at one."""
+    digest = hashlib.sha256()
+    def code_step(t, probs, cum):
+        digest.update(cum.tobytes())
+        return np.frombuffer(PROBE, np.uint8)[(t + np.arange(n_streams)) % len(PROBE)]
+    neural_lockstep(model, device, [len(PROBE)] * n_streams, k, code_step)
+    kernel = (torch.cuda.get_device_name(device) if device.type == "cuda"
+              else f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}")
+    return {"torch": torch.__version__, "device": device.type, "kernel": kernel,
+            "probe_sha256": digest.hexdigest()[:32]}
 
 
 # ----------------------------------------------------------------------------- the container
 #
-#   "ACPY" | version (1 byte) | header length (4 bytes) | header (JSON) | CRC32 of all before (4)
-#   | payload: the coded streams back to back, or in stored mode the input itself.
-# Every header value is checked for type and range before use; a claimed length
-# that its payload cannot hold is refused before decoding. Packing, unpacking and
-# those checks are plumbing: they come after main, under "the archive format".
+#   "ACPY" | version (1 byte) | header length (4 bytes) | header (JSON) | payload: the
+#   coded streams back to back, or in stored mode the input itself.
+# An archive is a file from a stranger: every header field is checked for type and range
+# before use, the decoder stops where the payload ends whatever length the header claims,
+# and the CRC32 of the decoded data catches the damage that checks cannot.
 
-MAX_ORDER, MAX_MIN_MATCH, MAX_STREAMS = 32, 4096, 4096
+MAGIC, VERSION = b"ACPY", 4  # 4: the GRU's tables at one thread, the memory budget fitted to RSS
+MAX_STREAMS, MAX_ORDER, MAX_MIN_MATCH = 4096, 32, 4096
+STORED_OVERHEAD = 50  # bytes of container around a stored input, at most
 DEFAULT_CKPT = f"runs/{SCRIPT}/model.pt"
+FIELDS = {  # name: (type, smallest, largest) of the value, or of its length
+    "length": (int, 0, 1 << 48), "crc32": (int, 0, (1 << 32) - 1),
+    "order": (int, 0, MAX_ORDER), "min_match": (int, 1, MAX_MIN_MATCH), "memory_mb": (int, 1, 1 << 20),
+    "k": (int, 8, 30), "chunk": (int, 1, 1 << 48),
+    "ckpt_sha256": (str, 64, 64), "streams": (list, 0, MAX_STREAMS), "fingerprint": (dict, 4, 4)}
+CODED = ("length", "crc32", "streams")
+NEEDS = {"stored": ("crc32",), "order0": CODED, "context": CODED + ("order", "min_match", "memory_mb"),
+         "neural": CODED + ("k", "chunk", "ckpt_sha256", "fingerprint")}
 
 
-def make_byte_model(kind, order=10, min_match=64, memory_mb=1024):
-    return Order0Model() if kind == "order0" else ContextModel(order, min_match=min_match,
-                                                              memory_mb=memory_mb)
+def pack_archive(header, body):
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return MAGIC + bytes([VERSION]) + struct.pack(">I", len(text)) + text + body
 
 
-def compress(data, model_name, state_bits=32, order=10, min_match=64, memory_mb=1024,
-             ckpt=DEFAULT_CKPT, device="auto", k=24, streams=256, measure=None):
-    """bytes -> archive bytes with the chosen model, or stored mode if that is smaller.
-    `measure` (a dict) receives the model's ideal code length in bits."""
-    spec = {"model": model_name, "state_bits": state_bits}
+def compress(data, model_name, order=10, min_match=64, memory_mb=700, ckpt=DEFAULT_CKPT, device="auto",
+             k=24, streams=256):
+    """bytes -> archive bytes with the chosen model and the 32-bit coder, or stored mode."""
+    header = {"model": model_name, "length": len(data), "crc32": zlib.crc32(data)}
     if model_name == "neural":
         device = pick_device(device)
-        model, digest = load_neural(ckpt, device)
-        lengths = stream_layout(len(data), streams)
-        spec.update(ckpt_sha256=digest, k=k, chunk=lengths[0] if lengths else 1,
-                    fingerprint=kernel_fingerprint(model, device, len(lengths), k))
-        payloads = neural_encode(model, device, data, lengths, k, state_bits, measure)
+        model, digest = load_gru(ckpt, device)
+        lengths = stream_lengths(len(data), streams)
+        header.update(ckpt_sha256=digest, k=k, chunk=lengths[0] if lengths else 1,
+                      fingerprint=fingerprint(model, device, len(lengths), k))
+        encs = [ArithmeticEncoder() for _ in lengths]
+        neural_code(model, device, encs, lengths, k, data, "encode")
+        payloads = [e.finish() for e in encs]
+    elif model_name == "context":
+        header.update(order=order, min_match=min_match, memory_mb=memory_mb)
+        payloads = [encode_with(ContextModel(order, min_match=min_match, memory_mb=memory_mb), data)[0]]
     else:
-        if model_name == "context":
-            spec.update(order=order, min_match=min_match, memory_mb=memory_mb)
-        model = make_byte_model(model_name, order, min_match, memory_mb)
-        enc = MeasuringEncoder(state_bits) if measure is not None else None
-        payload, enc = encode_with(model, data, state_bits, enc)
-        payloads = [payload]
-        if measure is not None:
-            measure.update(quantised_bits=enc.ideal_bits, bits_before_padding=enc.bits_before_padding)
-    blob, stored = pack_coded(spec, data, payloads), pack_stored(data)
-    if measure is not None:
-        measure["stored"] = len(stored) < len(blob)
-    return stored if len(stored) < len(blob) else blob
+        payloads = [encode_with(Order0Model(), data)[0]]
+    coded = pack_archive(dict(header, streams=[len(p) for p in payloads]), b"".join(payloads))
+    # Stored mode: the input as it is, behind 9 bytes of container and at most 37 of header.
+    return min(coded, pack_archive({"model": "stored", "crc32": zlib.crc32(data)}, data), key=len)
 
 
-def decode_neural(header, payloads, ckpt, device, name):
-    if not Path(ckpt).is_file():
-        raise RunError(f"{name} was made with the neural model (sha256 {header['ckpt_sha256'][:12]}...); "
-                       f"its model.pt was not found at {ckpt} (pass --ckpt PATH)")
-    device = pick_device(device)
-    made = header["fingerprint"]
-    if device.type != made["device"]:
-        raise RunError(f"{name} was made on {made['device']}; decode it there too "
-                       f"(--device {made['device']}): float results differ between devices")
-    model, digest = load_neural(ckpt, device)
-    if digest != header["ckpt_sha256"]:
-        raise RunError(f"{ckpt} is not the model {name} was made with "
-                       f"(sha256 {digest[:12]}... != {header['ckpt_sha256'][:12]}...)")
-    lengths = stream_layout(header["length"], MAX_STREAMS, header["chunk"])
-    if made["probe_sha256"] is not None:  # version 2 archives carry no fingerprint
-        check_fingerprint(made, kernel_fingerprint(model, device, len(lengths), header["k"]), name)
-    return neural_decode(model, device, payloads, lengths, header["k"], header["state_bits"])
-
-
-def decompress(blob, ckpt=DEFAULT_CKPT, device="auto", max_size=None, name="archive"):
-    """archive bytes -> the original bytes, or a one-line RunError (nothing decoded unchecked)."""
+def decompress(blob, ckpt=DEFAULT_CKPT, device="auto", max_size=None, memory_mb=700, name="archive"):
+    """archive bytes -> the original bytes, or a one-line RunError (nothing decoded unchecked).
+    max_size and memory_mb: the most bytes out and context-model MB this run allows."""
     header, payloads = unpack_archive(blob, name)
-    check_length(header, payloads, max_size, name)
-    kind = header["model"]
-    try:
-        if kind == "stored":
-            data = payloads[0] if payloads else b""
-        elif kind == "neural":
-            data = decode_neural(header, payloads, ckpt, device, name)
+    if max_size is not None and header["length"] > max_size:
+        raise RunError(f"{name} would decode to {header['length']} bytes, more than --max-size {max_size}")
+    if header["model"] == "context" and header["memory_mb"] > memory_mb:
+        raise RunError(f"{name} needs --memory-mb {header['memory_mb']} (its context model's "
+                       f"budget), more than this run allows ({memory_mb})")
+    try:  # a length its payload cannot hold ends in EOFError: the decoder never reads far past it
+        if header["model"] == "stored":
+            data = payloads[0]
+        elif header["model"] == "neural":  # refused first where another model or machine made it
+            device = pick_device(device)
+            model, digest = load_gru(ckpt, device)
+            if digest != header["ckpt_sha256"]:
+                raise RunError(f"{ckpt} is not the model {name} was made with "
+                               f"(sha256 {digest[:12]}... != {header['ckpt_sha256'][:12]}...)")
+            lengths = stream_lengths(header["length"], MAX_STREAMS, header["chunk"])
+            made, here = header["fingerprint"], fingerprint(model, device, len(lengths), header["k"])
+            differ = [key for key in ("torch", "device", "kernel") if made.get(key) != here[key]]
+            differ = differ or [key for key in ["probe_sha256"] if made.get(key) != here[key]]
+            if differ:  # name what differs: torch, device or kernels, else the tables on the probe
+                raise RunError(f"{name} cannot be decoded here, its model's tables would differ: " + "; ".join(
+                    f"{key} {str(made.get(key))[:40]} there, {here[key]} here" for key in differ))
+            decs = [ArithmeticDecoder(p) for p in payloads]
+            data = neural_code(model, device, decs, lengths, header["k"], None, "decode")
         else:
-            model = make_byte_model(kind, header.get("order", 0), header.get("min_match", 1),
-                                    header.get("memory_mb", 0))
-            data = decode_with(model, payloads[0], header["length"], header["state_bits"])
+            model = Order0Model() if header["model"] == "order0" else ContextModel(
+                header["order"], min_match=header["min_match"], memory_mb=header["memory_mb"])
+            data = decode_with(model, payloads[0], header["length"])
     except EOFError:
         raise RunError(f"{name} is damaged: its payload ends before the {header['length']} bytes "
                        "its header claims") from None
@@ -628,54 +695,101 @@ def decompress(blob, ckpt=DEFAULT_CKPT, device="auto", max_size=None, name="arch
     return data
 
 
-# ----------------------------------------------------------------------------- sampling: the decoder fed random bits
+def unpack_archive(blob, name="archive"):
+    """-> (header dict, payloads), or a one-line RunError saying what is wrong."""
+    if blob[:4] != MAGIC:
+        raise RunError(f"{name} is not an {SCRIPT} archive (it does not start with {MAGIC!r})")
+    end = 9 + int.from_bytes(blob[5:9], "big")
+    if len(blob) < max(end, 9):
+        raise RunError(f"{name} is truncated (it ends inside the header)")
+    if blob[4] != VERSION:
+        raise RunError(f"{name} has format version {blob[4]}; this script reads version {VERSION}")
+    try:
+        header = json.loads(blob[9:end])
+    except (ValueError, RecursionError):
+        raise RunError(f"{name} has a header that is not valid JSON (it is damaged)") from None
+    body = blob[end:]
+    check_header(header, name)
+    if header["model"] == "stored":  # the body is the input
+        header.update(length=len(body), streams=[len(body)])
+    if len(body) != sum(header["streams"]):
+        raise RunError(f"{name} is truncated or has bytes appended: payload is {len(body)} bytes, "
+                       f"the header says {sum(header['streams'])}")
+    ends = list(itertools.accumulate(header["streams"]))
+    return header, [body[a:b] for a, b in zip([0] + ends, ends)]
 
-def sample_bytes(model_name, n, seed=0, prime=b"", state_bits=32, order=10, min_match=64,
-                 memory_mb=1024, ckpt=DEFAULT_CKPT, device="auto", k=24):
-    """Decode n bytes from uniform random bits: an exact sample from the
-    (quantised) model, since each symbol's slice of [0, 1) has its probability."""
+
+def check_header(header, name):
+    """Type and range of every field the model needs, and their agreement."""
+    if not isinstance(header, dict) or header.get("model") not in NEEDS:
+        raise RunError(f"{name}: its header names no model this script knows")
+    for key in NEEDS[header["model"]]:
+        kind, lo, hi = FIELDS[key]
+        value = header.get(key)
+        if type(value) is not kind:  # a bool is no int here, a float no int
+            raise RunError(f"{name}: header field {key!r} is {str(value)[:40]!r}, not a {kind.__name__}")
+        if not lo <= (value if kind is int else len(value)) <= hi:
+            raise RunError(f"{name}: header field {key!r} is out of range ({lo} to {hi})")
+    kind, streams = header["model"], header.get("streams")
+    want = -(-header["length"] // header["chunk"]) if kind == "neural" else 1  # streams of chunk bytes
+    if kind != "stored" and (len(streams) != want or not all(type(b) is int and b >= 0 for b in streams)):
+        raise RunError(f"{name}: header field 'streams' is not the {want} payload sizes it must be")
+
+
+def sample_bytes(model, n, seed=0, device="cpu", k=24):
+    """Decode n bytes from uniform random bits with a GRU or a byte model: an exact sample
+    of the (quantised) model, since each symbol's slice of [0, 1) has its probability."""
     noise = np.random.default_rng(seed).bytes(64 * n + 64)
-    if model_name == "neural":
-        device = pick_device(device)
-        model, _ = load_neural(ckpt, device)
-        return neural_decode(model, device, [noise], [n] if n else [], k, state_bits)
-    model = make_byte_model(model_name, order, min_match, memory_mb)
-    encode_with(model, prime, state_bits)  # condition the adaptive model on the prime text
-    return decode_with(model, noise, n, state_bits)
+    if isinstance(model, ByteGRU):
+        return neural_code(model, device, [ArithmeticDecoder(noise)], stream_lengths(n, 1), k, None, "sample")
+    return decode_with(model, noise, n)
 
 
 # ----------------------------------------------------------------------------- the experiment: a GRU on the standard library
 
-def warmup_cosine(step, total, warmup=50):
-    """Learning-rate multiplier: linear warm-up, then cosine decay to a tenth."""
-    return min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0))))
+def corpus(root):
+    """(train bytes, held-out bytes): the .py files under root (site-packages skipped) in
+    sorted path order, 1 file in 20 held out by a CRC32 of its relative path."""
+    start, root, files = time.time(), Path(root), []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d != "site-packages"]
+        files += [Path(folder) / n for n in names if n.endswith(".py")]
+    parts = ([], [])  # train, held out
+    for p in sorted(files):
+        parts[zlib.crc32(p.relative_to(root).as_posix().encode()) % 20 == 0].append(p.read_bytes())
+    train, heldout = (b"".join(part) for part in parts)
+    if not train or not heldout:
+        raise RunError(f"--data-dir {root}: too few .py files for a train/held-out split "
+                       f"(found {len(files)}; one in 20 is held out)")
+    print(f"corpus: {len(files)} files under {root}, {len(train):,} bytes to train on, "
+          f"{len(heldout):,} held out ({time.time() - start:.1f}s)", flush=True)
+    return train, heldout
 
 
-def train_model(model, text, args, device):
-    """Adam on random windows of the training text; `--steps` optimizer steps."""
+def train_model(model, text, steps, batch_size=32, seq_len=256, lr=3e-3, device="cpu"):
+    """Adam on random windows of the training text, `steps` optimizer steps."""
     data = torch.from_numpy(np.frombuffer(text, np.uint8).copy())
-    if len(data) < args.seq_len + 2:
+    if len(data) < seq_len + 2:
         raise RunError(f"the training text has {len(data)} bytes, fewer than --seq-len + 2")
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, args.steps))
-    offsets = torch.arange(args.seq_len + 1)
-    progress = Progress(args.steps)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    # Learning-rate multiplier: linear warm-up over 50 steps, then cosine decay to a tenth.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0)))))
+    offsets = torch.arange(seq_len + 1)
+    progress = Progress(steps)
     model.train()
-    for step in range(1, args.steps + 1):
+    for step in range(1, steps + 1):
         # Random windows of seq_len + 1 bytes: inputs x[:, :-1], targets x[:, 1:].
-        start = torch.randint(0, len(data) - args.seq_len - 1, (args.batch_size, 1))
+        start = torch.randint(0, len(data) - seq_len - 1, (batch_size, 1))
         window = data[start + offsets].long().to(device)      # (B, T + 1)
         logits, _ = model(window[:, :-1])                      # (B, T, V)
-        loss = bits_per_byte_loss(logits, window[:, 1:])
+        loss = F.cross_entropy(logits.reshape(-1, 256), window[:, 1:].reshape(-1)) / math.log(2)  # bits/byte
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % 50 == 0 or step == args.steps:  # read the loss (a device sync) only here
-            check_finite(step, loss=loss)
-            progress.update(step, 50 * args.batch_size * args.seq_len, bits_per_byte=loss.item())
-    return args.steps
+        progress(step, batch_size * seq_len, bits_per_byte=loss.detach())  # read only to print
 
 
 @torch.no_grad()
@@ -683,9 +797,7 @@ def evaluate_bits(model, text, device, max_streams=256):
     """Teacher-forced -log2 P(text) in bits under the float model, with the
     coder's stream layout (what the ideal neural code length would be)."""
     model.eval()
-    lengths = stream_layout(len(text), max_streams)
-    if not lengths:
-        return 0.0
+    lengths = stream_lengths(len(text), max_streams)
     chunk = lengths[0]
     x = np.full((len(lengths), chunk), START, np.int64)
     x.reshape(-1)[:len(text)] = np.frombuffer(text, np.uint8)
@@ -693,98 +805,75 @@ def evaluate_bits(model, text, device, max_streams=256):
     inputs = torch.cat([torch.full_like(x[:, :1], START), x[:, :-1]], 1)
     valid = (torch.arange(chunk, device=device)[None] < torch.tensor(lengths, device=device)[:, None])
     bits = torch.zeros((), dtype=torch.float64, device=device)
-    h = None
+    h, progress = None, Progress(chunk, "evaluate")
     for t in range(0, chunk, 512):
         logits, h = model(inputs[:, t:t + 512], h)
         nll = F.cross_entropy(logits.transpose(1, 2), x[:, t:t + 512], reduction="none")
         bits += (nll * valid[:, t:t + 512]).sum().double() / math.log(2)
+        progress(min(t + 512, chunk), len(lengths) * 512)
     return bits.item()
 
 
 def run_train(args):
     device = pick_device(args.device)
     seed_everything(args.seed)
-    out = prepare_out_dir(args.out)
+    out = Path(args.out or (Path(args.ckpt).parent / "sample_only" if args.sample_only else f"runs/{SCRIPT}"))
+    if args.sample_only and (out / "model.pt").exists():
+        raise RunError(f"--out {out} holds a training run (model.pt); --sample-only writes elsewhere")
+    out.mkdir(parents=True, exist_ok=True)
     train_text, heldout = corpus(args.data_dir)
     test_text = heldout[:args.test_limit or None]
+    steps, seconds = 0, 0.0
     if args.sample_only:
-        model, _ = load_neural(args.ckpt, device)
-        steps, train_seconds = 0, 0.0
+        model = load_gru(args.ckpt, device)[0]
     else:
-        model = ByteGRU(args.hidden, args.embed).to(device)
-        start = time.time()
-        steps = train_model(model, train_text, args, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_seconds = time.time() - start
-        save_checkpoint(out / "model.pt", model.state_dict(), vars(args))
-        args.ckpt = str(out / "model.pt")
+        model, start, steps = ByteGRU(args.hidden, args.embed).to(device), time.time(), args.steps
+        train_model(model, train_text, steps, args.batch_size, args.seq_len, args.lr, device)
+        seconds = time.time() - start  # the last progress line read the loss: the device is done
+        save_checkpoint(out / "model.pt", {"hidden": args.hidden, "embed": args.embed}, model.state_dict())
     bits = evaluate_bits(model, test_text, device, args.streams)
-    part = test_text[:args.check_bytes]  # a real round trip through the container
-    opts = coder_options(args)
-    if decompress(compress(part, "neural", streams=args.streams, **opts), args.ckpt, args.device) != part:
-        raise RunError("neural round trip failed")
-    text = sample_bytes("neural", args.num_samples, args.seed, **opts)
+    # A real round trip through the neural coder on the first held-out bytes (never stored mode).
+    part = test_text[:args.check_bytes]
+    lengths = stream_lengths(len(part), args.streams)
+    encs = [ArithmeticEncoder() for _ in lengths]
+    neural_code(model, device, encs, lengths, args.k, part, "check encode")
+    decs = [ArithmeticDecoder(e.finish()) for e in encs]
+    if neural_code(model, device, decs, lengths, args.k, None, "check decode") != part:
+        raise RunError("the neural coder's round trip failed")
+    text = sample_bytes(model, args.num_samples, args.seed, device, args.k)
     atomic_write(out / "samples.txt", lambda f: f.write(text))
     print("sample (decoded from random bits):\n" + text.decode("utf-8", "replace"))
     metrics = {"heldout_bits_per_byte": round(bits / max(len(test_text), 1), 4),
-               "heldout_bytes": len(test_text),
-               "heldout_neural_ideal_bytes": round(bits / 8),
-               "heldout_zlib_9_bytes": len(zlib.compress(test_text, 9)),
-               "heldout_xz_9e_bytes": len(lzma.compress(test_text, preset=9 | lzma.PRESET_EXTREME)),
-               "roundtrip_bytes_checked": len(part),
-               "train_bytes": len(train_text), "train_seconds": round(train_seconds, 1),
-               "steps": steps, "device": str(device)}
-    if not args.sample_only:
-        write_metrics(out / "metrics.json", metrics)
+               "heldout_bytes": len(test_text), "check_bytes": len(part),
+               "check_coded_bytes": sum(len(d.data) for d in decs), "train_bytes": len(train_text),
+               "train_seconds": round(seconds, 1), "steps": steps, "device": str(device)}
+    write_json(out / "metrics.json", metrics)
     print(json.dumps(metrics))
     return metrics
 
 
 # ----------------------------------------------------------------------------- main
 
-COMMANDS = ("train", "compress", "decompress", "sample", "bench")
-BYTE_MODELS = ("order0", "context", "neural")
+COMMANDS = {"train": "train the byte-level GRU on Python source (the default command)",
+            "compress": "code the file IN into the archive OUT with a model",
+            "decompress": "decode the archive IN back into the file OUT",
+            "sample": "decode random bits with the GRU: an exact sample of the model"}
 
 
-def build_parser():
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    common = argparse.ArgumentParser(add_help=False)
-    model_flags(common)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", parents=[common], formatter_class=fmt,
-                       help="train the neural model (the default command)")
-    t.add_argument("--data-dir", default=str(stdlib_dir()), help="folder of .py files")
-    t.add_argument("--out", default=f"runs/{SCRIPT}", help="output folder")
-    t.add_argument("--steps", type=int, default=1400, help="optimizer steps")
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--seq-len", type=int, default=256, help="bytes per training window")
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--hidden", type=int, default=512, help="GRU units")
-    t.add_argument("--embed", type=int, default=64, help="byte embedding size")
-    t.add_argument("--num-samples", type=int, default=600, help="bytes to sample")
-    t.add_argument("--test-limit", type=int, default=1_000_000,
-                   help="evaluate on the first N held-out bytes (0: all)")
-    t.add_argument("--check-bytes", type=int, default=20_000,
-                   help="held-out bytes sent through compress + decompress as a check")
-    t.add_argument("--sample-only", action="store_true", help="skip training: load --ckpt")
-    c = sub.add_parser("compress", parents=[common], formatter_class=fmt)
-    c.add_argument("input", metavar="IN")
-    c.add_argument("output", metavar="OUT")
-    c.add_argument("--model", choices=BYTE_MODELS, default="context")
-    c.add_argument("--force", action="store_true", help="overwrite OUT")
-    d = sub.add_parser("decompress", parents=[common], formatter_class=fmt)
-    d.add_argument("input", metavar="IN")
-    d.add_argument("output", metavar="OUT")
-    d.add_argument("--force", action="store_true", help="overwrite OUT")
-    d.add_argument("--max-size", type=int, help="refuse an archive that decodes to more bytes")
-    s = sub.add_parser("sample", parents=[common], formatter_class=fmt,
-                       help="decode random bits: an exact sample of the model")
-    s.add_argument("--model", choices=BYTE_MODELS, default="neural")
-    s.add_argument("--num-samples", type=int, default=400, help="bytes to sample")
-    s.add_argument("--prime", help="order0/context: text the adaptive model reads first")
-    bench_flags(sub.add_parser("bench", parents=[common], formatter_class=fmt))
+def coder_flags():
+    """The coder's and the models' flags, shared by every command."""
+    p = argparse.ArgumentParser(add_help=False)
+    add, between = p.add_argument, lambda lo, hi: checked(int, lambda v: lo <= v <= hi, f"in [{lo}, {hi}]")
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA if present")
+    add("--seed", type=nonnegative_int, default=0, help="seeds training and sampling")
+    add("--ckpt", default=DEFAULT_CKPT, help="neural: the GRU's model.pt")
+    add("--k", type=between(8, 30), default=24, help="neural: its frequencies sum to 2^k")
+    add("--streams", type=between(1, MAX_STREAMS), default=256,
+        help=f"neural: most streams coded in lock-step, each of >= {MIN_CHUNK} bytes")
+    add("--order", type=between(0, MAX_ORDER), default=10, help="context: longest PPM context, in bytes")
+    add("--memory-mb", type=between(1, 1 << 20), default=700,
+        help="context: MB its tables may hold (xz -9 asks 674), past which it starts afresh; "
+        "written in the archive, and decompress refuses an archive that asks for more")
     return p
 
 
@@ -792,50 +881,61 @@ def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train"] + argv  # the default run trains the neural model
-    p = build_parser()
-    reject_renamed(p, argv, {"--precision": "--state-bits"})
+    fmt, common = argparse.ArgumentDefaultsHelpFormatter, coder_flags()
+    p = argparse.ArgumentParser(formatter_class=fmt, description="Arithmetic coding: a model's "
+                                "P(x) as a lossless compressor, with order-0, PPM and GRU models.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    cmd = {name: sub.add_parser(name, parents=[common], formatter_class=fmt, help=text, description=text)
+           for name, text in COMMANDS.items()}
+    add = cmd["train"].add_argument
+    add("--data-dir", default=sysconfig.get_paths()["stdlib"], help="a folder of .py files")
+    add("--out", help=f"output folder (None: runs/{SCRIPT}, or sample_only/ beside --ckpt)")
+    add("--steps", type=positive_int, default=1400, help="optimizer steps")
+    add("--batch-size", type=positive_int, default=32, help="windows per step")
+    add("--seq-len", type=positive_int, default=256, help="bytes per training window")
+    add("--lr", type=positive_float, default=3e-3, help="Adam's peak learning rate")
+    add("--hidden", type=positive_int, default=512, help="GRU units H")
+    add("--embed", type=positive_int, default=64, help="byte embedding size")
+    add("--num-samples", type=nonnegative_int, default=600, help="bytes to sample")
+    add("--test-limit", type=nonnegative_int, default=1_000_000, help="held-out bytes evaluated (0: all)")
+    add("--check-bytes", type=nonnegative_int, default=20_000,
+        help="held-out bytes sent through the neural coder and back, as a check")
+    add("--sample-only", action="store_true", help="no training: load --ckpt, evaluate, sample")
+    for name in ("compress", "decompress"):
+        cmd[name].add_argument("input", metavar="IN", help="the file to read")
+        cmd[name].add_argument("output", metavar="OUT", help="the file to write")
+        cmd[name].add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    cmd["compress"].add_argument("--model", choices=["order0", "context", "neural"], default="context",
+                                 help="the model of P(x_t | x_<t)")
+    cmd["decompress"].add_argument("--max-size", type=nonnegative_int,
+                                   help="refuse an archive that decodes to more bytes (None: no cap)")
+    cmd["sample"].add_argument("--num-samples", type=nonnegative_int, default=400, help="bytes to sample")
     args = p.parse_args(argv)
-    models = {"train": ["neural"], "compress": [args.__dict__.get("model")], "decompress": [],
-              "sample": [args.__dict__.get("model")]}.get(args.command)
-    if args.command == "bench":
-        models = [m for m in args.models.split(",") if m]
-        if not models or any(m not in BYTE_MODELS for m in models):
-            p.error("--models is a comma-separated list of order0, context, neural")
-        check_flags(p, args, positive=("limit",), nonnegative=("ref_limit", "offset"))
-    if args.command == "train":
-        if args.sample_only and not args.ckpt:
-            p.error("--sample-only needs --ckpt PATH")
-        check_flags(p, args, positive=("steps", "batch_size", "seq_len", "lr", "hidden", "embed"),
-                    nonnegative=("num_samples", "test_limit", "check_bytes"))
-    if args.command == "sample":
-        check_flags(p, args, nonnegative=("num_samples",))
-    if args.command == "decompress":
-        check_flags(p, args, nonnegative=("max_size",))
-    if args.command != "decompress" and not 20 <= args.state_bits <= 62:
-        p.error("--state-bits must be in [20, 62] (the context model's totals reach 2^17)")
-    check_model_flags(p, args, models)
+    for name in ("hidden", "embed", "steps", "batch_size", "seq_len", "lr"):
+        if getattr(args, "sample_only", False) and getattr(args, name) != cmd["train"].get_default(name):
+            p.error(f"--{name.replace('_', '-')} shapes or trains a model; --sample-only uses --ckpt's")
     return args
 
 
 def run(args):
     if args.command == "train":
         return run_train(args)
-    if args.command == "bench":
-        return run_bench(args)
     if args.command == "sample":
-        prime = read_input(args.prime) if args.prime else b""
-        text = sample_bytes(args.model, args.num_samples, args.seed, prime, **coder_options(args))
+        device = pick_device(args.device)
+        text = sample_bytes(load_gru(args.ckpt, device)[0], args.num_samples, args.seed, device, args.k)
         print(text.decode("utf-8", "replace"))
         return text
-    data = read_input(args.input)
-    start = time.perf_counter()
+    data, start = Path(args.input).read_bytes(), time.time()
     if args.command == "compress":
-        result = compress(data, args.model, streams=args.streams, **coder_options(args))
+        result = compress(data, args.model, order=args.order, memory_mb=args.memory_mb, ckpt=args.ckpt,
+                          device=args.device, k=args.k, streams=args.streams)
     else:
-        result = decompress(data, args.ckpt or DEFAULT_CKPT, args.device, args.max_size, args.input)
-    write_output(args.output, result, args.force)
+        result = decompress(data, args.ckpt, args.device, args.max_size, args.memory_mb, args.input)
+    if Path(args.output).exists() and not args.force:
+        raise RunError(f"{args.output} exists; pass --force to overwrite it")
+    atomic_write(args.output, lambda f: f.write(result))
     info = {"command": args.command, "in_bytes": len(data), "out_bytes": len(result),
-            "seconds": round(time.perf_counter() - start, 3)}
+            "seconds": round(time.time() - start, 3)}
     print(json.dumps(info))
     return info
 
@@ -844,7 +944,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except RunError as e:
+    except (RunError, OSError) as e:
         sys.exit(f"error: {e}")
 
 
@@ -852,15 +952,29 @@ def main(argv=None):
 
 # --- shared: run utilities ---
 class RunError(Exception):
-    """A problem the user can act on (bad file, missing data, diverged loss).
+    """An expected failure (missing data, a bad checkpoint, a diverged loss): main() prints
+    it as one line `error: ...` on stderr and exits with status 1."""
 
-    main() prints it as a single line `error: ...` and exits with status 1."""
+
+def checked(kind, ok, rule):
+    """An argparse type: kind(text), refused in argparse's one line unless ok(value)."""
+    def parse(text):
+        if not ok(value := kind(text)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" names the type
+    return parse
+
+
+positive_int = checked(int, lambda v: v > 0, "> 0")
+nonnegative_int = checked(int, lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)")
+positive_float = checked(float, lambda v: 0 < v < math.inf, "> 0")
+fraction = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def pick_device(name):
-    """'auto' takes CUDA when present; asking for CUDA without one is an error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda was asked for, but torch sees no CUDA device")
     return torch.device(name)
@@ -873,810 +987,61 @@ def seed_everything(seed):
 
 
 def atomic_write(path, write):
-    """Call write(f) on a fresh temporary file beside `path`, fsync it, rename it over `path`.
-
-    The temporary name is unique (never a user's own `OUT.tmp`), and os.replace is
-    atomic: a reader, or a crash, sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise RunError(f"could not create a temporary file beside {path}")
+    """write(f) into a temporary file beside `path`, then rename it over `path`: a reader,
+    or a crash, sees the old file or the new one, never half of one."""
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
-def prepare_out_dir(out):
-    """Create the output folder; refuse, in one line, a path that is a file."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} is a file, not a folder")
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def save_checkpoint(path, config, state):
+    atomic_write(path, lambda f: torch.save({"script": SCRIPT, "config": config, "model": state}, f))
+
+
+def load_checkpoint(path, build):
+    """(model, config): build(config) makes the model, whose weights then load strictly.
+    A missing, truncated or foreign file ends in one line, whatever failed inside."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"--out {out}: cannot create the folder ({e.strerror})") from None
-    return out
-
-
-def save_checkpoint(path, model_state, config):
-    """model.pt = {"script", "model": state_dict(s), "config": vars(args)}, atomically."""
-    ckpt = {"script": SCRIPT, "model": model_state, "config": config}
-    atomic_write(path, lambda f: torch.save(ckpt, f))
-
-
-def load_checkpoint(path):
-    """Load a checkpoint of *this* script with weights_only=True, or fail in one line."""
-    if not Path(path).is_file():
-        raise RunError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a corrupt file
-        raise RunError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
-        found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
-        raise RunError(f"{path} is a checkpoint of {found}, not of {SCRIPT}.py")
-    if not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
-        raise RunError(f"{path}: checkpoint lacks its weights or its config; it is damaged")
-    return ckpt
-
-
-def checkpoint_config(ckpt, required, path="checkpoint"):
-    """ckpt["config"], once every key in `required` ({name: type}) holds a value of that type."""
-    config = ckpt["config"]
-    for name, kind in required.items():
-        value = config.get(name)
-        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
-        if not ok:
-            raise RunError(f"{path}: config {name!r} is {value!r}, not a {kind.__name__}; "
-                           "the checkpoint is damaged")
-    return config
-
-
-def load_weights(model, state, path="checkpoint"):
-    """model.load_state_dict(state), or one line saying the weights do not fit the model."""
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"{path}: the weights do not fit the model its config describes ({first})") \
-            from None
-    return model
-
-
-def write_metrics(path, metrics):
-    atomic_write(path, lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()))
-
-
-def check_finite(step, **terms):
-    """Stop on a NaN/inf loss before it reaches the weights on disk."""
-    for name, value in terms.items():
-        if not torch.isfinite(torch.as_tensor(value)).all():
-            raise RunError(f"non-finite {name} at step {step}; stopped, model.pt left as it was "
-                           "(try a lower --lr)")
-
-
-def check_flags(parser, args, positive=(), nonnegative=(), fraction=()):
-    """Validate flags by table: `positive` > 0, `nonnegative` >= 0, `fraction` in [0, 1).
-
-    Names are argparse dests ("lr", "batch_size"); None means "not given" and passes.
-    A bad value ends in argparse's usage and one error line (exit status 2)."""
-    rules = ([(n, "> 0", lambda v: v > 0) for n in positive]
-             + [(n, ">= 0", lambda v: v >= 0) for n in nonnegative]
-             + [(n, "in [0, 1)", lambda v: 0 <= v < 1) for n in fraction])
-    for name, text, ok in rules:
-        value = getattr(args, name)
-        if value is not None and not (np.isfinite(value) and ok(value)):
-            parser.error(f"--{name.replace('_', '-')} must be {text} (got {value})")
-
-
-def reject_renamed(parser, argv, renamed):
-    """A flag's old spelling fails in one line that names the new one."""
-    for arg in (sys.argv[1:] if argv is None else argv):
-        old = str(arg).split("=", 1)[0]
-        if old in renamed:
-            parser.error(f"{old} is now spelled {renamed[old]}")
-
-
-def format_seconds(s):
-    s = int(round(s))
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # runs no code from the file
+        if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+            raise ValueError(f"not written by {SCRIPT}.py")
+        model = build(ckpt["config"])
+        model.load_state_dict(ckpt["model"], strict=True)
+    except Exception as e:  # torch.load alone raises a dozen kinds for a damaged file
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise RunError(f"{path}: not a usable {SCRIPT}.py checkpoint ({why})") from None
+    return model, ckpt["config"]
 
 
 class Progress:
-    """Prints `step/total | terms | examples/s | eta` at most every `every` seconds."""
+    """`label step/total | terms | items/s | eta`, at most every `every` seconds. Terms may
+    be tensors, read (a device sync) only when a line is printed; a non-finite one stops
+    the run there, before a diverged model is saved."""
 
-    def __init__(self, total, every=5.0, label="train"):
-        self.total, self.every, self.label = total, every, label
+    def __init__(self, total, label="train", every=5.0):
+        self.total, self.label, self.every, self.items = total, label, every, 0
         self.start = self.last = time.time()
-        self.examples = 0
 
-    def update(self, step, examples, **terms):
-        self.examples += examples
-        now = time.time()
+    def __call__(self, step, items=0, **terms):
+        self.items, now = self.items + items, time.time()
         if now - self.last < self.every and step < self.total:
             return
-        self.last = now
-        elapsed = now - self.start
+        self.last, elapsed, values = now, now - self.start, {k: float(v) for k, v in terms.items()}
+        for k, v in values.items():
+            if not math.isfinite(v):
+                raise RunError(f"non-finite {k} at {self.label} step {step}; stopped (try a lower --lr)")
         eta = elapsed / max(step, 1) * (self.total - step)
-        values = " ".join(f"{k} {float(v):.4g}" for k, v in terms.items())
-        print(f"{self.label} {step}/{self.total} | {values} | "
-              f"{self.examples / max(elapsed, 1e-9):.0f} ex/s | eta {format_seconds(eta)}",
-              flush=True)
+        print(f"{self.label} {step}/{self.total} | " + " ".join(f"{k} {v:.4g}" for k, v in values.items())
+              + f" | {self.items / max(elapsed, 1e-9):.0f}/s | eta {eta:.0f}s", flush=True)
 # --- end shared ---
-
-
-# ============================================================================ the archive format
-#
-# The container's bytes, as laid out above `compress`. Nothing read from a file
-# is used before it is checked: each header field's type and range, the
-# agreement between fields, and whether the payload can hold the length the
-# header claims. A neural archive also carries the fingerprint of the kernels
-# that computed its tables, checked before decoding.
-
-MAGIC, VERSION, READS = b"ACPY", 3, (2, 3)  # 3: state_bits, fingerprint, memory budget, stored mode
-MAX_HEADER = 1 << 16
-STORED_OVERHEAD = 50  # bytes of container around a stored input, at most
-
-
-def pack_archive(header, body):
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    head = MAGIC + bytes([VERSION]) + struct.pack(">I", len(text)) + text
-    return head + struct.pack(">I", zlib.crc32(head)) + body
-
-
-def pack_coded(spec, data, payloads):
-    body = b"".join(payloads)
-    return pack_archive(dict(spec, length=len(data), crc32=zlib.crc32(data),
-                             streams=[len(p) for p in payloads], payload_crc32=zlib.crc32(body)), body)
-
-
-def pack_stored(data):
-    """Stored mode: the input as it is, behind at most STORED_OVERHEAD bytes of container
-    (its length is the payload's: 13 container bytes + at most 37 of header)."""
-    return pack_archive({"model": "stored", "crc32": zlib.crc32(data)}, data)
-
-
-def unpack_archive(blob, name="archive"):
-    """-> (header dict, payloads), or a one-line RunError saying what is wrong."""
-    if blob[:4] != MAGIC:
-        raise RunError(f"{name} is not an {SCRIPT} archive (it does not start with {MAGIC!r})")
-    if len(blob) < 9:
-        raise RunError(f"{name} is truncated (it ends inside the header)")
-    if blob[4] not in READS:
-        raise RunError(f"{name} has format version {blob[4]}; this script reads versions "
-                       f"{' and '.join(map(str, READS))}")
-    size = struct.unpack(">I", blob[5:9])[0]
-    if size > MAX_HEADER:
-        raise RunError(f"{name}: its header claims {size} bytes, more than {MAX_HEADER}")
-    end = 9 + size
-    if len(blob) < end + 4:
-        raise RunError(f"{name} is truncated (it ends inside the header)")
-    if zlib.crc32(blob[:end]) != struct.unpack(">I", blob[end:end + 4])[0]:
-        raise RunError(f"{name} is damaged: its header fails the CRC check")
-    try:
-        header = json.loads(blob[9:end])
-    except (ValueError, RecursionError):
-        raise RunError(f"{name} has a header that is not valid JSON") from None
-    body = blob[end + 4:]
-    header = check_header(header, blob[4], len(body), name)
-    streams = header.get("streams", [header["length"]])
-    if len(body) != sum(streams):
-        raise RunError(f"{name} is truncated or has bytes appended: payload is {len(body)} bytes, "
-                       f"the header says {sum(streams)}")
-    if zlib.crc32(body) != header.get("payload_crc32", header["crc32"]):
-        raise RunError(f"{name} is damaged: its payload fails the CRC check")
-    offsets = np.cumsum([0] + streams).tolist()
-    return header, [body[a:b] for a, b in zip(offsets, offsets[1:])]
-
-
-U32 = (0, (1 << 32) - 1)
-FIELDS = {  # name: (type, smallest, largest)
-    "length": (int, 0, 1 << 48), "crc32": (int, *U32), "payload_crc32": (int, *U32),
-    "state_bits": (int, 20, 62), "order": (int, 0, MAX_ORDER), "min_match": (int, 1, MAX_MIN_MATCH),
-    "memory_mb": (int, 0, 1 << 20), "k": (int, 8, 60), "chunk": (int, 1, 1 << 48),
-    "ckpt_sha256": (str, 64, 64), "streams": (list, 0, MAX_STREAMS), "fingerprint": (dict, 4, 4)}
-CODED = ("length", "crc32", "payload_crc32", "state_bits", "streams")
-NEEDS = {"stored": ("crc32",), "order0": CODED,
-         "context": CODED + ("order", "min_match", "memory_mb"),
-         "neural": CODED + ("k", "chunk", "ckpt_sha256", "fingerprint")}
-# The most probable symbol each model can code, P <= 1 - 1/d: it bounds how
-# many symbols a payload of n bytes can hold (see most_symbols).
-LEAST_ODDS = {"order0": 65536 / 255, "context": 1024}
-
-
-def check_field(header, key, name):
-    kind, lo, hi = FIELDS[key]
-    value = header.get(key)
-    if type(value) is not kind:
-        raise RunError(f"{name}: header field {key!r} is {str(value)[:40]!r}, not a {kind.__name__}")
-    size = value if kind is int else len(value)
-    if not lo <= size <= hi:
-        raise RunError(f"{name}: header field {key!r} is out of range ({lo} to {hi})")
-
-
-def from_version_2(header):
-    """A version-2 header in version-3 terms: `precision` was the state width, the
-    context model had no memory budget, neural archives had no fingerprint."""
-    header = dict(header)
-    if "precision" in header:
-        header["state_bits"] = header.pop("precision")
-    if header.get("model") == "context":
-        header.setdefault("memory_mb", 0)
-    if header.get("model") == "neural":
-        header["chunk"] = header.get("chunk") or 1  # version 2 wrote 0 for empty input
-        header.setdefault("fingerprint", {"torch": None, "device": header.get("device"),
-                                          "kernel": None, "probe_sha256": None})
-    return header
-
-
-def check_header(header, version, body_bytes, name):
-    """Type and range of every field the model needs, and their agreement."""
-    if not isinstance(header, dict) or header.get("model") not in NEEDS:
-        model = header.get("model") if isinstance(header, dict) else None
-        raise RunError(f"{name}: unknown model {str(model)[:40]!r} in its header")
-    if version == 2:
-        header = from_version_2(header)
-    for key in NEEDS[header["model"]]:
-        check_field(header, key, name)
-    if header["model"] == "stored":
-        header["length"] = body_bytes
-    kind, streams = header["model"], header.get("streams", [body_bytes])
-    if not all(type(s) is int and 0 <= s <= 1 << 48 for s in streams):
-        raise RunError(f"{name}: header field 'streams' holds something other than payload sizes")
-    if kind in ("order0", "context") and len(streams) != 1:
-        raise RunError(f"{name}: header says {len(streams)} streams, model {kind} codes 1")
-    if kind == "neural":
-        if header["k"] > header["state_bits"] - 2:
-            raise RunError(f"{name}: header field 'k' must be at most state_bits - 2")
-        if len(streams) != -(-header["length"] // header["chunk"]):
-            raise RunError(f"{name}: header says {len(streams)} streams for "
-                           f"{header['length']} bytes in chunks of {header['chunk']}")
-        if version == 3 and not all(type(header["fingerprint"].get(k)) is str
-                                    for k in ("torch", "device", "kernel", "probe_sha256")):
-            raise RunError(f"{name}: header field 'fingerprint' is malformed")
-    return header
-
-
-def most_symbols(payload_bytes, least_odds, state_bits):
-    """The most symbols a real stream of n bytes can decode to. Each symbol has
-    P <= 1 - 1/d (+ 2^-(state_bits - 2) from rounding), and the decoder reads
-    more than -log2 P(x) - 2 bits, at most 8 n of them: N < (8 n + 2) / bits."""
-    p = min(1.0 - 1.0 / least_odds + 2.0 ** (2 - state_bits), 1 - 1e-15)
-    return int((8 * payload_bytes + 2) / -math.log2(p)) + 1
-
-
-def check_length(header, payloads, max_size, name):
-    """Refuse, before decoding, a length the user capped or the payload cannot hold."""
-    n, kind = header["length"], header["model"]
-    if max_size is not None and n > max_size:
-        raise RunError(f"{name} would decode to {n} bytes, more than --max-size {max_size}")
-    if kind == "stored":
-        return
-    if kind == "neural":
-        odds = 2 ** header["k"] / 255
-        lengths = stream_layout(n, MAX_STREAMS, header["chunk"])
-    else:
-        odds, lengths = LEAST_ODDS[kind], [n]
-    for m, payload in zip(lengths, payloads):
-        if m > most_symbols(len(payload), odds, header["state_bits"]):
-            raise RunError(f"{name} is damaged or crafted: a payload of {len(payload)} bytes "
-                           f"cannot hold the {m} bytes its header claims")
-
-
-PROBE = b"import os\n\ndef main(argv=None):\n    return 0\n"  # the fingerprint's fixed input
-
-
-def kernel_fingerprint(model, device, n_streams, k):
-    """What decides the quantised tables: torch, the device, the kernel path and
-    a hash of the tables themselves on a fixed probe run with the archive's own
-    stream count (kernels are chosen by shape). Thread count does not enter."""
-    digest = hashlib.sha256()
-
-    def code_step(t, probs, cum):
-        digest.update(cum.tobytes())
-        return np.frombuffer(PROBE, np.uint8)[(t + np.arange(n_streams)) % len(PROBE)]
-
-    neural_lockstep(model, device, [len(PROBE)] * n_streams, k, code_step)
-    if device.type == "cuda":
-        kernel = f"{torch.cuda.get_device_name(device)} sm{''.join(map(str, torch.cuda.get_device_capability(device)))}"
-    else:
-        kernel = torch.backends.cpu.get_cpu_capability()
-    return {"torch": torch.__version__, "device": device.type, "kernel": kernel,
-            "probe_sha256": digest.hexdigest()[:32]}
-
-
-def check_fingerprint(made, here, name):
-    """Refuse, before decoding, an archive whose tables this machine would not reproduce."""
-    differ = [f"{key} {made.get(key)} there, {here[key]} here"
-              for key in ("torch", "device", "kernel", "probe_sha256") if made.get(key) != here[key]]
-    if differ:
-        raise RunError(f"{name} cannot be decoded here: its neural tables were computed otherwise "
-                       f"({'; '.join(differ)}); decode it where torch {made.get('torch')} runs "
-                       f"the {made.get('kernel')} kernels on {made.get('device')}")
-
-
-# ============================================================================ the training text
-#
-# The neural model learns from Python source: every .py file of a folder (by
-# default the running interpreter's standard library), split by file.
-
-def stdlib_dir():
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def corpus(root):
-    """(train bytes, held-out bytes): every .py file under root (site-packages
-    excepted), split by a hash of its relative path: 1 file in 20 is held out."""
-    root = Path(root)
-    if not root.is_dir():
-        raise RunError(f"--data-dir {root} is not a folder")
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
-    if not files:
-        raise RunError(f"no .py files under {root}; --data-dir must be a folder of Python "
-                       f"source (the default is the running interpreter's {stdlib_dir()})")
-    train, heldout = [], []
-    for p in files:
-        held = zlib.crc32(p.relative_to(root).as_posix().encode()) % 20 == 0
-        (heldout if held else train).append(p.read_bytes())
-    if not train or not heldout:
-        raise RunError(f"{root} holds too few .py files for a train/held-out split")
-    return b"".join(train), b"".join(heldout)
-
-
-# ============================================================================ command-line helpers
-#
-# What main's parser and run() call: the flags shared by the models, each model's
-# checks where it is used, and the files named on the command line.
-
-def model_flags(parser):
-    """Flags of the coder and the models (each is checked only where its model is used)."""
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--state-bits", type=int, default=32,
-                        help="bits of the coder's state, 20 to 62 (was --precision)")
-    parser.add_argument("--ckpt", help=f"neural: model.pt (default {DEFAULT_CKPT})")
-    parser.add_argument("--k", type=int, default=24, help="neural: frequencies sum to 2^k")
-    parser.add_argument("--streams", type=int, default=256,
-                        help=f"neural: most streams coded in lock-step (each >= 4096 bytes), <= {MAX_STREAMS}")
-    parser.add_argument("--order", type=int, default=10, help=f"context: longest PPM context, <= {MAX_ORDER}")
-    parser.add_argument("--min-match", type=int, default=64,
-                        help=f"context: bytes of context the match model looks up, <= {MAX_MIN_MATCH}")
-    parser.add_argument("--memory-mb", type=int, default=1024,
-                        help="context: memory budget of its tables (counted by the model; past it the "
-                             "model starts afresh, identically when decoding); 0: none")
-
-
-def check_model_flags(p, args, models):
-    """Each model's flags, only where that model is used."""
-    if "neural" in models:
-        if not 8 <= args.k <= args.state_bits - 2:
-            p.error(f"--k must be in [8, state-bits - 2] (got {args.k})")
-        if not 1 <= args.streams <= MAX_STREAMS:
-            p.error(f"--streams must be in [1, {MAX_STREAMS}] (got {args.streams})")
-    if "context" in models:
-        if not 0 <= args.order <= MAX_ORDER:
-            p.error(f"--order must be in [0, {MAX_ORDER}] (got {args.order})")
-        if not 1 <= args.min_match <= MAX_MIN_MATCH:
-            p.error(f"--min-match must be in [1, {MAX_MIN_MATCH}] (got {args.min_match})")
-        check_flags(p, args, nonnegative=("memory_mb",))
-
-
-def coder_options(args):
-    """The coder's and the models' flags as keyword arguments of compress and sample_bytes."""
-    return dict(state_bits=args.state_bits, order=args.order, min_match=args.min_match,
-                memory_mb=args.memory_mb, ckpt=args.ckpt or DEFAULT_CKPT, device=args.device, k=args.k)
-
-
-def read_input(path):
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise RunError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-def write_output(path, data, force):
-    if Path(path).exists() and not force:
-        raise RunError(f"{path} exists; pass --force to overwrite it")
-    try:
-        atomic_write(path, lambda f: f.write(data))
-    except OSError as e:
-        raise RunError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-# ============================================================================ the PPM context model
-#
-# The default model of `compress`: stronger on text than order 0, but long and
-# full of engineering (exclusions, learned escapes, a match model, a memory
-# budget). The method is the same: a model of P(x_t | x_<t) fed to the coder.
-
-# Kind of a byte for the escape classes: 0 blank, 1 newline, 2 word (letters, digits, _), 3 other.
-BYTE_KIND = [0 if b in b" \t" else 1 if b == 10 else 2 if chr(b).isalnum() or b == 95 else 3
-             for b in range(256)]
-# The model's own count of its memory, in bytes (CPython 3.11 sizes, measured):
-NODE_BYTES = 150    # one context: its integer key, its dict slot, a small bytearray
-PAIR_BYTES = 2      # one (byte, count) pair inside a context's bytearray
-MATCH_BYTES = 110   # one match-table entry: a 64-bit hash key, a position, its dict slot
-
-
-def match_hash(window):
-    """A 64-bit hash of the match model's context (deterministic, unlike hash())."""
-    return zlib.crc32(window) | zlib.adler32(window) << 32
-
-
-class ContextModel:
-    """PPM with full exclusion, update exclusion, SEE, a match model and a memory budget.
-
-    The longest context of the last `order` bytes that has been seen predicts
-    first. In a context whose candidate bytes have counts c_s (d of them):
-        P(x in this context) = q,       P(s | in it) = (2 c_s - 1) / sum_s' (2 c_s' - 1)
-    and 1 - q escapes to the next shorter context, with the bytes already ruled
-    out excluded. PPM method D would fix q = 1 - d / sum(2 c_s); here q is
-    learned (secondary escape estimation, SEE, as in PPMZ/PPMd): contexts are
-    grouped into classes (order, d, total count, exclusions or not, kinds of the
-    last two bytes) and each class counts how often the byte was there. Below
-    order 0 a uniform order -1 ends the chain. Only the contexts from the order
-    that coded the byte upwards are updated (update exclusion; Cleary & Witten
-    1984, Moffat 1990).
-
-    In front of PPM, a match model (as in LZP and lpaq) finds the last time the
-    previous `min_match` bytes occurred and predicts the byte that followed then;
-    a binary event "the predicted byte comes next" is coded with counts kept per
-    class of match length and PPM agreement; on a miss PPM codes the byte with
-    it excluded.
-
-    Memory: a context is a bytearray of (byte, count) pairs in insertion order
-    (counts <= limit < 255), keyed by the context as an integer; the match table
-    maps a 64-bit hash to a position. The model counts its own bytes (`used`);
-    past `memory_mb` MB it forgets its tables and starts afresh, as PPMd does,
-    at the same symbol in encoder and decoder (0: no budget)."""
-
-    def __init__(self, order=10, limit=250, min_match=64, memory_mb=1024):
-        if not 1 <= limit <= 254:
-            raise ValueError("limit must fit a byte with room for one more count")
-        self.order, self.limit, self.min_match = order, limit, min_match
-        self.budget = memory_mb << 20
-        self.masks = [(1 << (8 * k)) - 1 for k in range(order + 1)]
-        self.history = 0                  # the last `order` bytes as one integer
-        self.match_counts = {}            # match class -> [hits, misses]
-        self.see_counts = {}              # context class -> [present, escaped]
-        self.resets = 0
-        self._forget()
-
-    def _forget(self):
-        """Empty tables (at the start, and when the memory budget is spent)."""
-        self.tables = [{} for _ in range(self.order + 1)]  # tables[k][last k bytes] -> pairs
-        self.data = bytearray()           # everything seen since, for the match model
-        self.match_table = {}             # hash of min_match bytes -> position after them
-        self.match_ptr = self.match_len = 0
-        self.used = 0
-
-    def entries(self):
-        """(contexts, pairs, match entries) held now: what `used` counts."""
-        nodes = sum(len(t) for t in self.tables)
-        pairs = sum(len(node) // 2 for t in self.tables for node in t.values())
-        return nodes, pairs, len(self.match_table)
-
-    @staticmethod
-    def _find(node, x):
-        """Index of byte x among the pairs of node (even positions), or -1."""
-        i = node.find(x)
-        while i > 0 and i & 1:
-            i = node.find(x, i + 1)
-        return i
-
-    def _candidates(self, node, excluded):
-        """[(byte, 2c - 1)] of a context node, minus excluded bytes; insertion order."""
-        if not excluded:
-            return [(s, 2 * c - 1) for s, c in zip(node[0::2], node[1::2])]
-        return [(s, 2 * c - 1) for s, c in zip(node[0::2], node[1::2]) if s not in excluded]
-
-    def _predicted(self):
-        """(predicted byte, its [hits, misses] counts) or (None, None) without a match.
-
-        The counts are kept per class: log2 of how far the match has run past
-        min_match, and what the longest PPM context says of the guess (no such
-        context / never seen there / seen once / seen more)."""
-        if not self.match_len:
-            return None, None
-        guess = self.data[self.match_ptr]
-        node = self.tables[self.order].get(self.history)
-        if node is None:
-            c = -1
-        else:
-            i = self._find(node, guess)
-            c = node[i + 1] if i >= 0 else 0
-        key = (min((self.match_len - self.min_match).bit_length(), 15), min(c, 2))
-        bucket = self.match_counts.get(key)
-        if bucket is None:
-            bucket = self.match_counts[key] = [1, 1]
-        return guess, bucket
-
-    def encode(self, enc, x):
-        guess, bucket = self._predicted()
-        excluded = set()
-        if guess is not None:
-            hits, misses = bucket
-            enc.encode_bit(x != guess, hits, hits + misses)
-            if x == guess:
-                return self._update(x, 0, bucket)
-            excluded.add(guess)
-        h, found, events = self.history, -1, []
-        for k in range(self.order, -1, -1):
-            node = self.tables[k].get(h & self.masks[k])
-            cands = self._candidates(node, excluded) if node is not None else None
-            if not cands:
-                continue
-            # First a binary event, "x is one of this context's candidates", with
-            # odds learned per class (SEE); then which one, by counts. If the
-            # candidates are all the bytes not excluded, x is among them.
-            present = x not in excluded and self._find(node, x) >= 0
-            if len(cands) + len(excluded) < 256:
-                odds = self._escape_odds(k, cands, node)
-                events.append((odds, present))
-                enc.encode_bit(not present, odds[0], odds[0] + odds[1])
-                if not present:  # escape
-                    excluded.update(node[0::2])
-                    continue
-            if len(cands) > 1:
-                lo = 0
-                for s, f in cands:
-                    if s == x:
-                        break
-                    lo += f
-                enc.encode(lo, lo + f, sum(f for _, f in cands))
-            found = k
-            break
-        else:  # order -1: uniform over the byte values not excluded
-            rank = x - sum(1 for s in excluded if s < x)
-            enc.encode(rank, rank + 1, 256 - len(excluded))
-        self._update(x, found, bucket, events)
-
-    def decode(self, dec):
-        guess, bucket = self._predicted()
-        excluded = set()
-        if guess is not None:
-            hits, misses = bucket
-            if not dec.decode_bit(hits, hits + misses):
-                self._update(guess, 0, bucket)
-                return guess
-            excluded.add(guess)
-        h, found, events = self.history, -1, []
-        for k in range(self.order, -1, -1):
-            node = self.tables[k].get(h & self.masks[k])
-            cands = self._candidates(node, excluded) if node is not None else None
-            if not cands:
-                continue
-            if len(cands) + len(excluded) < 256:
-                odds = self._escape_odds(k, cands, node)
-                present = not dec.decode_bit(odds[0], odds[0] + odds[1])
-                events.append((odds, present))
-                if not present:
-                    excluded.update(node[0::2])
-                    continue
-            x = cands[0][0]
-            if len(cands) > 1:
-                cum = [0]
-                for _, f in cands:
-                    cum.append(cum[-1] + f)
-                x = cands[dec.decode_symbol(cum)][0]
-            found = k
-            break
-        else:
-            rank = dec.target(256 - len(excluded))
-            x = [s for s in range(256) if s not in excluded][rank]
-            dec.consume(rank, rank + 1, 256 - len(excluded))
-        self._update(x, found, bucket, events)
-        return x
-
-    def _escape_odds(self, k, cands, node):
-        """[present, escaped] counts shared by the contexts of one class: order k,
-        number of candidates d, their total count, whether exclusions removed any,
-        and the kinds of the last two bytes (blank, newline, word, punctuation)."""
-        d, n = len(cands), sum(f for _, f in cands)
-        key = (k, min(d, 7), min(n, 31) if d == 1 else 32 + min(n.bit_length(), 12),
-               len(node) // 2 == d, BYTE_KIND[self.history & 255], BYTE_KIND[(self.history >> 8) & 255])
-        odds = self.see_counts.get(key)
-        if odds is None:
-            odds = self.see_counts[key] = [1, 1]
-        return odds
-
-    def _update(self, x, found, bucket, events=()):
-        """Learn from byte x, coded by PPM order `found` (-1: order -1), or by the
-        match model (found = 0 and a hit: PPM then updates its order-0 upwards)."""
-        if bucket is not None:
-            events = list(events) + [(bucket, x == self.data[self.match_ptr])]
-        for b, hit in events:
-            b[0 if hit else 1] += 1
-            if b[0] + b[1] > 1024:
-                b[0], b[1] = (b[0] + 1) // 2, (b[1] + 1) // 2
-        self._update_contexts(x, found)
-        self._update_match(x)
-        if self.budget and self.used > self.budget:
-            self.resets += 1
-            self._forget()
-
-    def _update_contexts(self, x, found):
-        h = self.history
-        for k in range(max(found, 0), self.order + 1):
-            key = h & self.masks[k]
-            node = self.tables[k].get(key)
-            if node is None:
-                self.tables[k][key] = bytearray((x, 1))
-                self.used += NODE_BYTES + PAIR_BYTES
-                continue
-            i = self._find(node, x)
-            if i < 0:
-                node += bytes((x, 1))
-                self.used += PAIR_BYTES
-            elif node[i + 1] < self.limit:
-                node[i + 1] += 1
-            else:  # halve: old statistics fade, counts stay small
-                node[i + 1] += 1
-                node[1::2] = bytes((c + 1) // 2 for c in node[1::2])
-        self.history = ((h << 8) | x) & self.masks[self.order]
-
-    def _update_match(self, x):
-        """Extend the current match, or look the context up afresh."""
-        data = self.data
-        data.append(x)
-        self.used += 1
-        if self.match_len and data[self.match_ptr] == x:
-            self.match_len += 1
-            self.match_ptr += 1
-        else:
-            self.match_len = 0
-        m = self.min_match
-        if len(data) >= m:
-            key = match_hash(data[-m:])
-            if not self.match_len:
-                ptr = self.match_table.get(key, 0)
-                if ptr:
-                    self.match_ptr, self.match_len = ptr, m
-            if key not in self.match_table:
-                self.used += MATCH_BYTES
-            self.match_table[key] = len(data)
-
-
-# ============================================================================ the benchmark
-#
-# Archive against archive: our container (header, CRCs and all) against the whole
-# files of zlib -9, bzip2 -9 and xz -9e, on held-out Python source.
-
-class MeasuringEncoder(ArithmeticEncoder):
-    """An encoder that also adds up the ideal code length sum -log2(f / total)
-    of the integer model it is fed (for bench and tests; slower)."""
-
-    def __init__(self, state_bits=32):
-        super().__init__(state_bits)
-        self.ideal_bits = 0.0
-
-    def encode(self, low_count, high_count, total):
-        self.ideal_bits -= math.log2((high_count - low_count) / total)
-        super().encode(low_count, high_count, total)
-
-
-def bench_flags(b):
-    b.add_argument("files", nargs="*", help="files to bench (default: held-out stdlib text)")
-    b.add_argument("--data-dir", default=str(stdlib_dir()))
-    b.add_argument("--limit", type=int, default=1_000_000, help="bytes of held-out text")
-    b.add_argument("--offset", type=int, default=0,
-                   help="skip this many held-out bytes first (1000000: text the context model "
-                        "was not tuned on)")
-    b.add_argument("--models", default="order0,context,neural")
-    b.add_argument("--ref-limit", type=int, default=100_000,
-                   help="bytes for the side-by-side of the textbook and the fast coder")
-    b.add_argument("--out", default=f"runs/{SCRIPT}", help="where bench.md and bench.json go")
-
-
-def bench_model(name, data, args):
-    """One row: ideal bits, archive bytes, overhead, encode / decode MB/s, checked round trip."""
-    measure = {}
-    t0 = time.perf_counter()
-    blob = compress(data, name, streams=args.streams, measure=measure, **coder_options(args))
-    t1 = time.perf_counter()
-    back = decompress(blob, args.ckpt or DEFAULT_CKPT, args.device)
-    t2 = time.perf_counter()
-    if back != data:
-        raise RunError(f"{name}: round trip failed")
-    mb = len(data) / 1e6
-    row = {"model": name, "stored": measure["stored"], "ideal_bits": round(measure["quantised_bits"], 1),
-           "ideal_bytes": round(measure["quantised_bits"] / 8), "archive_bytes": len(blob),
-           "overhead_bits": round(8 * len(blob) - measure["quantised_bits"], 1),
-           "bits_per_byte": round(8 * len(blob) / max(len(data), 1), 4),
-           "encode_MB_per_s": round(mb / (t1 - t0), 4), "decode_MB_per_s": round(mb / (t2 - t1), 4)}
-    if "float_bits" in measure:
-        row["float_ideal_bits"] = round(measure["float_bits"], 1)
-        row["quantisation_loss_percent"] = round(
-            100 * (measure["quantised_bits"] / measure["float_bits"] - 1), 4)
-    return row
-
-
-def textbook_side_by_side(part):
-    """Order 0 through the textbook coder and the fast one: same bytes? how fast?"""
-    t0 = time.perf_counter()
-    ref, _ = encode_with(Order0Model(), part, 32, TextbookEncoder(32))
-    t1 = time.perf_counter()
-    model, dec = Order0Model(), TextbookDecoder(ref, 32)
-    back = bytes(model.decode(dec) for _ in range(len(part)))
-    t2 = time.perf_counter()
-    ours, _ = encode_with(Order0Model(), part)
-    t3 = time.perf_counter()
-    decode_with(Order0Model(), ours, len(part))
-    t4 = time.perf_counter()
-    if back != part:
-        raise RunError("the textbook coder failed its own round trip")
-    mb = len(part) / 1e6
-    return {"bytes": len(part), "same_output": ref == ours,
-            "textbook_encode_MB_per_s": round(mb / (t1 - t0), 4),
-            "textbook_decode_MB_per_s": round(mb / (t2 - t1), 4),
-            "fast_encode_MB_per_s": round(mb / (t3 - t2), 4),
-            "fast_decode_MB_per_s": round(mb / (t4 - t3), 4)}
-
-
-def bench_table(results):
-    lines = ["| input | bytes | coder | archive bytes | bits/byte | ideal bytes | overhead bits "
-             "| enc MB/s | dec MB/s |", "|" + " --- |" * 9]
-    for e in results:
-        for r in e["models"]:
-            lines.append(f"| {e['file']} | {e['bytes']} | {r['model']}{' (stored)' if r['stored'] else ''} "
-                         f"| {r['archive_bytes']} | {r['bits_per_byte']} | {r['ideal_bytes']} | "
-                         f"{r['overhead_bits']} | {r['encode_MB_per_s']} | {r['decode_MB_per_s']} |")
-        for tool in ("zlib_9", "bz2_9", "xz_9e"):
-            size = e[f"{tool}_bytes"]
-            lines.append(f"| {e['file']} | {e['bytes']} | {tool} | {size} | "
-                         f"{8 * size / max(e['bytes'], 1):.4f} | | | | |")
-        s = e.get("order0_side_by_side")
-        if s:
-            for kind in ("textbook", "fast"):
-                lines.append(f"| first {s['bytes']} bytes | {s['bytes']} | order0, {kind} coder "
-                             f"(same bytes: {s['same_output']}) | | | | | "
-                             f"{s[kind + '_encode_MB_per_s']} | {s[kind + '_decode_MB_per_s']} |")
-    return "\n".join(lines)
-
-
-def run_bench(args):
-    if args.files:
-        files = [(f, read_input(f)) for f in args.files]
-    else:
-        _, heldout = corpus(args.data_dir)
-        part = heldout[args.offset:args.offset + args.limit]
-        files = [(f"stdlib held-out .py, bytes {args.offset} to {args.offset + len(part)}", part)]
-    models = [m for m in args.models.split(",") if m]
-    results = []
-    for fname, data in files:
-        entry = {"file": fname, "bytes": len(data),
-                 "zlib_9_bytes": len(zlib.compress(data, 9)),
-                 "bz2_9_bytes": len(bz2.compress(data, 9)),
-                 "xz_9e_bytes": len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
-                 "models": []}
-        for m in models:
-            print(f"bench: {fname}: {m} ...", flush=True)
-            entry["models"].append(bench_model(m, data, args))
-        if data[:args.ref_limit] and "order0" in models:
-            entry["order0_side_by_side"] = textbook_side_by_side(data[:args.ref_limit])
-        results.append(entry)
-    table = bench_table(results)
-    print(table)
-    out = prepare_out_dir(args.out)
-    atomic_write(out / "bench.md", lambda f: f.write((table + "\n").encode()))
-    write_metrics(out / "bench.json", results)
-    print(json.dumps(results))
-    return results
 
 
 if __name__ == "__main__":
