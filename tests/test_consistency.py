@@ -24,10 +24,8 @@ IMAGE_SCRIPTS = ["autoencoder", "vae", "pixelcnn", "vqvae", "vqgan", "lfq"]
 # Which scripts carry which block: a copy that silently disappears fails too.
 CARRIERS = {
     "run utilities": SCRIPTS,
-    "mnist loader": IMAGE_SCRIPTS,
+    "image data": IMAGE_SCRIPTS,
     "png writer": IMAGE_SCRIPTS + ["wavenet"],
-    "digit judge": IMAGE_SCRIPTS,
-    "precision": ["pixelcnn", "wavenet"],
     "token prior": ["vqvae", "vqgan", "lfq"],
     "arithmetic coder": ["arith_coding", "pixelcnn"],
 }

@@ -1,179 +1,213 @@
-"""The shared plumbing blocks, tested once through one carrier each.
+"""The shared plumbing blocks, tested once.
 
-tests/test_consistency.py keeps every copy byte-identical, so what holds for one copy
-holds for all: run utilities, png writer and digit judge through autoencoder.py,
-precision through pixelcnn.py.
+tests/test_consistency.py keeps every copy of a block byte-identical, so each block is
+tested here as the text of its first carrier, run in a namespace of its own: what holds
+for that copy holds for all.
 """
 
 import argparse
+import gzip
 import json
+import math
+import os
+import random
 import struct
+import sys
+import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import autoencoder as carrier
-import pixelcnn
+from conftest import ROOT, SCRIPTS, idx_bytes
+from test_consistency import CARRIERS, shared_blocks
 
 
-def test_atomic_write_never_touches_a_users_tmp_file_and_leaves_nothing_on_failure(tmp_path):
-    """Bug caught: a fixed temporary name (OUT.tmp) that overwrites and deletes a user's file."""
+def block(name):
+    """The names a shared block defines, run as the first carrier's copy."""
+    script = CARRIERS[name][0]
+    body, _, _ = shared_blocks((ROOT / f"{script}.py").read_text(), script)[name]
+    ns = dict(argparse=argparse, gzip=gzip, json=json, math=math, os=os, random=random,
+              struct=struct, sys=sys, time=time, zlib=zlib, Path=Path, np=np, torch=torch,
+              SCRIPT="carrier")
+    if name != "run utilities":
+        ns.update(block("run utilities"))
+    exec(compile(body, f"{script}.py:{name}", "exec"), ns)
+    return ns
+
+
+RUN = block("run utilities")
+DATA = block("image data")
+PNG = block("png writer")
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    """Bug caught: writing in place (a crash leaves half a file) or a leftover temp file."""
     out = tmp_path / "foo"
     (tmp_path / "foo.tmp").write_bytes(b"mine")
-    carrier.atomic_write(out, lambda f: f.write(b"new"))
-    assert out.read_bytes() == b"new" and (tmp_path / "foo.tmp").read_bytes() == b"mine"
+    RUN["atomic_write"](out, lambda f: f.write(b"new"))
+    assert out.read_bytes() == b"new"
 
     def fail(f):
         f.write(b"half")
         raise OSError("disk full")
     with pytest.raises(OSError):
-        carrier.atomic_write(out, fail)
+        RUN["atomic_write"](out, fail)
     assert out.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foo", "foo.tmp"]
 
 
-def test_prepare_out_dir_refuses_a_file(tmp_path):
-    (tmp_path / "f").write_text("x")
-    with pytest.raises(carrier.RunError, match="is a file"):
-        carrier.prepare_out_dir(tmp_path / "f")
-    assert carrier.prepare_out_dir(tmp_path / "a" / "b").is_dir()
-
-
-@pytest.mark.parametrize("flag, value", [("lr", -1.0), ("lr", float("nan")), ("lr", 0.0),
-                                         ("steps", -1), ("decay", 1.0)])
-def test_check_flags_rejects_by_table(flag, value, capsys):
-    """Bug caught: a flag left out of the table, or a comparison the wrong way round."""
+@pytest.mark.parametrize("kind, bad, good", [
+    ("positive_int", ["0", "-3", "x", "1.5"], [("1", 1), ("7", 7)]),
+    ("nonnegative_int", ["-1", "x", str(2 ** 32)], [("0", 0), ("5", 5)]),
+    ("positive_float", ["0", "-1e-3", "nan", "inf", "x"], [("2e-3", 2e-3)]),
+    ("fraction", ["1", "-0.1", "nan", "x"], [("0", 0.0), ("0.999", 0.999)]),
+])
+def test_argparse_types_refuse_in_one_line(kind, bad, good, capsys):
+    """Bug caught: a comparison the wrong way round, or nan slipping through a `<` test."""
     parser = argparse.ArgumentParser(prog="x")
-    args = argparse.Namespace(lr=1e-3, steps=0, decay=0.5, unused=None)
-    setattr(args, flag, value)
-    with pytest.raises(SystemExit) as e:
-        carrier.check_flags(parser, args, positive=("lr", "unused"), nonnegative=("steps",),
-                            fraction=("decay",))
-    assert e.value.code == 2
-    assert f"--{flag}" in capsys.readouterr().err
-    good = argparse.Namespace(lr=1e-3, steps=0, decay=0.0, unused=None)
-    carrier.check_flags(parser, good, positive=("lr", "unused"), nonnegative=("steps",),
-                        fraction=("decay",))
-
-
-def test_reject_renamed_names_the_new_spelling(capsys):
-    parser = argparse.ArgumentParser(prog="x")
-    for argv in (["--K", "8"], ["--K=8"]):
+    parser.add_argument("--v", type=RUN[kind])
+    for text in bad:
         with pytest.raises(SystemExit) as e:
-            carrier.reject_renamed(parser, argv, {"--K": "--codebook-size"})
-        assert e.value.code == 2 and "--codebook-size" in capsys.readouterr().err
-    carrier.reject_renamed(parser, ["--Kx", "--codebook-size", "8"], {"--K": "--codebook-size"})
+            parser.parse_args(["--v", text])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].startswith("x: error: argument --v")
+    for text, value in good:
+        assert parser.parse_args(["--v", text]).v == value
 
 
-def test_checkpoint_checks_config_types_and_weights(tmp_path):
-    ckpt = {"script": carrier.SCRIPT, "model": {}, "config": {"z_dim": "32", "lr": 1}}
-    with pytest.raises(carrier.RunError, match="z_dim"):
-        carrier.checkpoint_config(ckpt, {"z_dim": int})
-    assert carrier.checkpoint_config(ckpt, {"lr": float})["lr"] == 1
-    with pytest.raises(carrier.RunError, match="z_dim"):
-        carrier.checkpoint_config({"config": {"z_dim": True}}, {"z_dim": int})
-    with pytest.raises(carrier.RunError, match="do not fit"):
-        carrier.load_weights(torch.nn.Linear(2, 2), {"weight": torch.zeros(3, 3)})
-    path = tmp_path / "m.pt"
-    torch.save({"script": carrier.SCRIPT, "model": {}}, path)
-    with pytest.raises(carrier.RunError, match="damaged"):
-        carrier.load_checkpoint(path)
+def test_checkpoints_load_strictly_and_refuse_in_one_line(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    path = tmp_path / "model.pt"
+    RUN["save_checkpoint"](path, {"n_in": 3, "n_out": 2}, model.state_dict())
+    build = lambda c: torch.nn.Linear(c["n_in"], c["n_out"])  # noqa: E731
+    loaded, config = RUN["load_checkpoint"](path, build)
+    assert config == {"n_in": 3, "n_out": 2}
+    assert torch.equal(loaded.weight, model.weight) and torch.equal(loaded.bias, model.bias)
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:200])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"script": "other", "config": {}, "model": {}}, foreign)
+    extra = tmp_path / "extra.pt"  # strict: a key the model lacks is refused too
+    torch.save({"script": "carrier", "config": {"n_in": 3, "n_out": 2},
+                "model": {**model.state_dict(), "extra": torch.zeros(1)}}, extra)
+    for bad, b in [(tmp_path / "missing.pt", build), (truncated, build), (foreign, build),
+                   (extra, build), (path, lambda c: torch.nn.Linear(4, 2)),
+                   (path, lambda c: torch.nn.Linear(c["wrong key"], 2))]:
+        with pytest.raises(RUN["RunError"]) as e:
+            RUN["load_checkpoint"](bad, b)
+        assert str(bad) in str(e.value) and "\n" not in str(e.value)
+
+
+class Counted:
+    """A loss term that counts how often it is read (a device sync on a GPU)."""
+    reads = 0
+
+    def __init__(self, v):
+        self.v = v
+
+    def __float__(self):
+        Counted.reads += 1
+        return self.v
+
+
+def test_progress_reads_terms_only_when_it_prints_and_stops_on_nan(capsys):
+    """Bug caught: a float(loss) at every step (a host-device sync in the hot path), or a
+    NaN that reaches the saved model."""
+    progress = RUN["Progress"](100, label="train", every=3600)
+    Counted.reads = 0
+    for step in range(1, 100):
+        progress(step, 8, loss=Counted(1.0))
+    assert Counted.reads == 0 and capsys.readouterr().out == ""
+    progress(100, 8, loss=Counted(0.5))
+    line = capsys.readouterr().out
+    assert Counted.reads == 1 and line.startswith("train 100/100 | loss 0.5 |")
+    with pytest.raises(RUN["RunError"], match="non-finite loss"):
+        RUN["Progress"](5, every=0)(1, 1, loss=torch.tensor(float("nan")))
+
+
+def test_mnist_loads_as_images_in_unit_range_with_labels(mnist_dir):
+    x, y = DATA["load_images"]("mnist", mnist_dir, "test")
+    assert x.shape == (10000, 1, 28, 28) and x.dtype == torch.float32
+    assert x.min() == 0 and x.max() == 1 and y.dtype == torch.int64
+    assert y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+
+
+def test_damaged_or_missing_idx_files_end_in_one_line(tmp_path, mnist_dir):
+    RunError = DATA["RunError"]
+    with pytest.raises(RunError, match="train-images-idx3-ubyte.gz"):
+        DATA["load_images"]("mnist", tmp_path, "train")
+    images = np.zeros((3, 28, 28), np.uint8)
+    for name, raw in [("short.gz", gzip.compress(idx_bytes(images)[:-1])),
+                      ("kind.gz", gzip.compress(b"\x00\x00\x09\x03" + idx_bytes(images)[4:])),
+                      ("cut.gz", gzip.compress(idx_bytes(images))[:-5]),
+                      ("plain.gz", idx_bytes(images)),
+                      ("empty.gz", gzip.compress(b""))]:
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(RunError):
+            DATA["read_idx"](tmp_path / name)
+    (tmp_path / "ok.gz").write_bytes(gzip.compress(idx_bytes(images)))
+    assert DATA["read_idx"](tmp_path / "ok.gz").shape == (3, 28, 28)
+
+
+def test_a_users_array_is_split_and_scaled(tmp_path):
+    """(N, H, W) uint8 becomes (N, 1, H, W) in [0, 1]; the last tenth is the test split."""
+    x = np.random.default_rng(0).integers(0, 256, (30, 12, 20)).astype(np.uint8)
+    np.save(tmp_path / "a.npy", x)
+    train, no_labels = DATA["load_images"](str(tmp_path / "a.npy"), None, "train")
+    test, _ = DATA["load_images"](str(tmp_path / "a.npy"), None, "test")
+    assert no_labels is None and train.shape == (27, 1, 12, 20) and test.shape == (3, 1, 12, 20)
+    assert torch.equal(torch.cat([train, test])[:, 0], torch.from_numpy(x / np.float32(255)))
+    rgb = np.random.default_rng(0).random((10, 3, 8, 8), dtype=np.float32)
+    np.save(tmp_path / "rgb.npy", rgb)
+    assert DATA["load_images"](str(tmp_path / "rgb.npy"), None, "train")[0].shape == (9, 3, 8, 8)
+
+
+@pytest.mark.parametrize("array", [np.full((10, 8, 8), 1.5, np.float32),     # out of [0, 1]
+                                   np.zeros((10, 8, 8, 3), np.uint8),         # channels last
+                                   np.zeros((1, 8, 8), np.uint8),             # one image
+                                   np.zeros((10, 8), np.uint8),               # no height
+                                   np.zeros((10, 8, 8), np.int32)])           # not uint8
+def test_a_bad_user_array_is_refused_in_one_line(tmp_path, array):
+    np.save(tmp_path / "bad.npy", array)
+    with pytest.raises(DATA["RunError"], match="--data"):
+        DATA["load_images"](str(tmp_path / "bad.npy"), None, "train")
+    (tmp_path / "text.npy").write_text("not an array")
+    with pytest.raises(DATA["RunError"], match="not a readable"):
+        DATA["load_images"](str(tmp_path / "text.npy"), None, "train")
 
 
 def read_png(data):
-    """Minimal PNG reader for the writer's own output: (width, height, depth, colour, rows)."""
+    """Decode a PNG written by write_png (filter 0, 8 bits), checking every CRC."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, ihdr = 8, b"", None
+    pos, chunks = 8, {}
     while pos < len(data):
-        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + n]
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
         assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body)
-        ihdr = struct.unpack(">IIBBBBB", body) if kind == b"IHDR" else ihdr
-        idat += body if kind == b"IDAT" else b""
-        pos += 12 + n
-    w, h, depth, colour = ihdr[:4]
-    raw = zlib.decompress(idat)
-    stride = (w * depth * (3 if colour == 2 else 1) + 7) // 8
-    rows = [raw[y * (stride + 1):(y + 1) * (stride + 1)] for y in range(h)]
-    assert all(r[0] == 0 for r in rows)
-    return w, h, depth, colour, np.frombuffer(b"".join(r[1:] for r in rows), np.uint8).reshape(h, stride)
+        chunks[kind], pos = body, pos + 12 + n
+    w, h, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    c = 3 if colour == 2 else 1
+    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + w * c)
+    assert depth == 8 and (raw[:, 0] == 0).all() and b"IEND" in chunks
+    return raw[:, 1:].reshape(h, w, c).squeeze(-1) if c == 1 else raw[:, 1:].reshape(h, w, c)
 
 
-def test_png_one_bit_round_trip():
-    """Bug caught: bits packed LSB first, or rows not padded to whole bytes."""
-    bits = (np.random.default_rng(0).random((13, 11)) < 0.3).astype(np.uint8)
-    w, h, depth, colour, rows = read_png(carrier.png_bytes(bits, bit_depth=1))
-    assert (w, h, depth, colour) == (11, 13, 1, 0)
-    assert np.array_equal(np.unpackbits(rows, axis=1)[:, :11], bits)
-    grey = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
-    assert np.array_equal(read_png(carrier.png_bytes(grey))[4], grey)
-    with pytest.raises(ValueError):
-        carrier.png_bytes(grey, bit_depth=1)
+@pytest.mark.parametrize("shape", [(5, 7), (4, 6, 3)])
+def test_png_round_trip(tmp_path, shape):
+    """Bug caught: a CRC over the data without the chunk type, width and height swapped."""
+    pixels = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
+    PNG["write_png"](tmp_path / "p.png", pixels)
+    assert np.array_equal(read_png((tmp_path / "p.png").read_bytes()), pixels)
 
 
-def test_frechet_distance_is_zero_for_a_set_with_itself_and_grows_with_a_shift():
-    """FD(a, a + c) = |c|^2 exactly (same covariance); bug caught: a wrong sign or a missing
-    square root in the cross term."""
-    a = np.random.default_rng(0).normal(size=(400, 8)) @ np.diag(np.arange(1.0, 9.0))
-    assert abs(carrier.frechet_distance(a, a)) < 1e-6
-    fds = [carrier.frechet_distance(a, a + s) for s in (0.5, 1.0, 2.0)]
-    assert np.allclose(fds, [8 * 0.25, 8 * 1.0, 8 * 4.0], rtol=1e-6)
-    # b = 2a: mu_b = 2 mu_a, C_b = 4 C_a, so FD = |mu_a|^2 + tr C_a + 4 tr C_a - 2 tr(2 C_a)
-    #                                          = |mu_a|^2 + tr C_a
-    expected = (a.mean(0) ** 2).sum() + np.trace(np.cov(a, rowvar=False))
-    assert np.isclose(carrier.frechet_distance(a, 2 * a), expected, rtol=1e-6)
-
-
-def test_judge_score_spans_one_to_ten():
-    assert np.isclose(carrier.judge_score(np.eye(10)[np.arange(100) % 10]), 10.0, rtol=1e-6)
-    assert np.isclose(carrier.judge_score(np.eye(10)[np.zeros(100, int)]), 1.0)
-    assert np.isclose(carrier.judge_score(np.full((50, 10), 0.1)), 1.0)
-
-
-@pytest.fixture(scope="module")
-def mnist_small():
-    images, labels = carrier.load_mnist(carrier.HERE / "data" / "mnist", "train")
-    x = torch.from_numpy(images[:3000].astype(np.float32) / 255).unsqueeze(1)
-    y = torch.from_numpy(labels[:3000])
-    return x[:2500], y[:2500], x[2500:], y[2500:]
-
-
-def test_a_short_judge_run_learns_the_digits_and_a_damaged_cache_is_retrained(tmp_path, mnist_small):
-    """A 150-step judge on 2,500 digits names most of 500 held-out ones; a damaged cached
-    file fails its sha256 check and is trained again, never loaded."""
-    x, y, xt, yt = mnist_small
-    path = tmp_path / "judge.pt"
-    judge, acc = carrier.load_or_train_judge(path, torch.device("cpu"), x, y, xt, yt, 150)
-    assert acc > 0.85
-    meta = json.loads(path.with_suffix(".json").read_text())
-    blob = bytearray(path.read_bytes())
-    blob[len(blob) // 2] ^= 0xFF
-    path.write_bytes(bytes(blob))
-    again, acc2 = carrier.load_or_train_judge(path, torch.device("cpu"), x, y, xt, yt, 150)
-    assert acc2 == acc  # the same seed trains the same judge
-    with pytest.raises(ValueError):  # images in [-1, 1] would train a judge of the wrong scale
-        carrier.load_or_train_judge(path, torch.device("cpu"), 2 * x - 1, y, xt, yt, 150)
-    assert json.loads(path.with_suffix(".json").read_text())["sha256"] == meta["sha256"]
-    for p1, p2 in zip(judge.parameters(), again.parameters()):
-        assert torch.equal(p1, p2)
-
-
-def test_judge_report_leaves_the_callers_random_stream_alone(tmp_path, mnist_small):
-    x, y, xt, yt = mnist_small
-    torch.manual_seed(123)
-    expected = torch.rand(3)
-    torch.manual_seed(123)
-    report = carrier.judge_report(tmp_path / "run", torch.device("cpu"), x, y, xt, yt,
-                                  samples=xt[:100], recons=xt[:100], judge_steps=20)
-    assert torch.equal(torch.rand(3), expected)
-    assert report["judge_n"] == 100 and report["recon_fd"] == report["anchor_real_fd"]
-    assert report["anchor_noise_fd"] > report["anchor_real_fd"]
-
-
-def test_pick_precision_takes_bf16_only_where_native():
-    cpu = torch.device("cpu")
-    assert pixelcnn.pick_precision("fp32", cpu) == "fp32"
-    assert pixelcnn.pick_precision("bf16", cpu) == "bf16"
-    assert pixelcnn.pick_precision("auto", cpu) == ("bf16" if pixelcnn.native_bf16(cpu) else "fp32")
+def test_image_grid_places_each_image_between_borders():
+    images = np.stack([np.full((3, 4, 5), i / 4, np.float32) for i in range(5)])  # (5, 3, 4, 5)
+    grid = PNG["image_grid"](images, ncol=3, border=2)
+    assert grid.shape == (2 + 2 * 6, 2 + 3 * 7, 3)
+    assert (grid[2:6, 2 + 7:7 + 7] == round(255 / 4)).all()        # image 1: row 0, column 1
+    assert (grid[8:12, 2:7] == 191).all() and (grid[:2] == 128).all()  # image 3, a border
+    assert PNG["image_grid"](images[:, :1], ncol=5).ndim == 2           # grey stays 2-D
