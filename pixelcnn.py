@@ -435,17 +435,16 @@ def decode_chunk(model, payload, n):
     x, progress = torch.zeros(n, 1, H, W, dtype=torch.long), Progress(H * W, "decode pixels")
     with threads(1):
         for i, j in np.ndindex(H, W):
-            cum = cumulative(quantise(torch.softmax(pixel_logits(model, x, labels, i, j).double(), 1).numpy(), CODER_K))
+            probs = torch.softmax(pixel_logits(model, x, labels, i, j).double(), dim=1).numpy()   # (B, L)
+            cum = cumulative(quantise(probs, CODER_K))                                           # (B, L + 1)
             x[:, 0, i, j] = torch.tensor([dec.decode_symbol(row) for row in cum.tolist()])
             progress(i * W + j + 1, n)
     return x, labels
 
 
 def pixel_logits(model, x, labels, i, j):
-    """Logits (B, L) of pixel (i, j) from a pass over whole, partly decoded images: the
-    same input shape as the encoder's one pass, so the same kernels and the same rounding.
-    A crop of rows (row_logits, fine for sampling) can change the kernels' summation order
-    and move a logit by 1e-6, enough to pick other integer frequencies."""
+    """Logits (B, L) of pixel (i, j) from whole, partly decoded images: the encoder's input shape,
+    so its kernels and rounding (a crop of rows, as the sampler takes, can move a logit by 1e-6)."""
     return model(x, labels)[:, :, 0, i, j]
 
 
@@ -466,9 +465,8 @@ TEST_BINARISATION_SEED = 1234
 
 
 def binarise(images, generator=None):
-    """Intensities (B, 1, H, W) in [0, 1] -> pixels x ~ Bernoulli(intensity), int64: a fresh
-    draw on every call ("dynamic binarisation": the training set never repeats exactly,
-    which fights overfitting)."""
+    """Intensities (B, 1, H, W) in [0, 1] -> pixels x ~ Bernoulli(intensity), int64: a fresh draw
+    each call ("dynamic binarisation": the training set never repeats exactly, against overfitting)."""
     return torch.bernoulli(images, generator=generator).long()
 
 
@@ -485,13 +483,14 @@ def train(model, images, labels, total, batch_size=32, lr=2e-3, ema_decay=0.0, b
     """`total` Adam steps on the mean NLL per image of freshly binarised batches, the rate
     decayed along a cosine from lr to 0; with ema_decay, the average of the weights is the
     model returned."""
-    device, per_epoch, step = next(model.parameters()).device, len(images) // batch_size, 0
+    device, per_epoch, step, progress = next(model.parameters()).device, len(images) // batch_size, 0, Progress(total)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     average = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
-    images, labels, progress = images.to(device), labels.to(device) if labels is not None else None, Progress(total)
+    images, labels = images.to(device), labels.to(device) if labels is not None else None
     model.train()
     while step < total:  # an epoch: the images in a new order, batch by batch
-        for idx in torch.randperm(len(images), device=device)[:per_epoch * batch_size].view(per_epoch, -1)[:total - step]:
+        batches = torch.randperm(len(images), device=device)[:per_epoch * batch_size].view(per_epoch, -1)
+        for idx in batches[:total - step]:
             x = binarise(images[idx])                                            # (B, 1, H, W)
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                 logits = model(x, labels[idx] if labels is not None else None)   # (B, L, 1, H, W)
@@ -562,9 +561,10 @@ def compress(model, sha, x, labels, chunk, out):
     n, size, label_bits = len(x), len(head) + sum(map(len, chunks)), math.log2(model.num_classes or 1)
     coded, nll = 8 * size / n, measure["bits"] / n
     bound = coding_bound_bits(x.numel(), len(chunks), model.levels, n if labels is not None else 0) + 8 * len(head)
-    return {"test_images": n, "archive_bytes": size, "test_coded_bits_per_image": coded, "test_nll_bits_per_image": nll,
-            "label_bits_per_image": label_bits, "overhead_bits_per_image": coded - nll - label_bits,
-            "overhead_bound_bits_per_image": bound / n, "encode_seconds": round(time.time() - start, 1)}
+    return {"test_images": n, "archive_bytes": size, "test_coded_bits_per_image": coded,
+            "test_nll_bits_per_image": nll, "label_bits_per_image": label_bits,
+            "overhead_bits_per_image": coded - nll - label_bits, "overhead_bound_bits_per_image": bound / n,
+            "encode_seconds": round(time.time() - start, 1)}
 
 
 def decompress(model, sha, path, image_range, out):
@@ -604,7 +604,10 @@ def decompress(model, sha, path, image_range, out):
 # ============================================================================ main
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    def span(text):
+        return tuple(int(v) for v in text.split(":"))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="mnist", help="mnist, or a .npy of grey images (N, H, W): its last tenth tests")
     p.add_argument("--data-dir", default=str(Path(__file__).parent / "data" / "mnist"), help="MNIST's folder")
     p.add_argument("--out", help=f"output folder (default: runs/{SCRIPT}; with --ckpt, <its folder>/<mode>)")
@@ -627,8 +630,6 @@ def parse_args(argv=None):
     mode.add_argument("--compress", action="store_true", help=f"code the test images into <out>/{ARCHIVE_NAME}")
     mode.add_argument("--decompress", metavar="FILE", help="decode an archive with the --ckpt that coded it")
     p.add_argument("--ckpt", help="the model.pt for --sample-only, --compress, --decompress")
-    def span(text):
-        return tuple(int(v) for v in text.split(":"))
     p.add_argument("--image-range", metavar="A:B", type=checked(span, lambda r: len(r) == 2 and 0 <= r[0] < r[1],
                    "A:B, 0 <= A < B"), help="with --decompress: images A..B-1 only")
     p.add_argument("--chunk", type=checked(int, lambda v: 1 <= v <= MAX_CHUNK, f"in 1..{MAX_CHUNK}"), default=100,
@@ -667,8 +668,8 @@ def run_on_data(args, model, sha, out):
     model = model or GatedPixelCNN(images.shape[1:], 2, args.channels, args.layers, num_classes=0
                                    if args.unconditional or labels is None else int(labels.max()) + 1)
     if images.shape[1:] != (1, *model.image_shape[1:]) or model.num_classes and labels is None:
-        raise RunError(f"--data {args.data}: {'un' if labels is None else ''}labelled images {tuple(images.shape[1:])}; "
-                       f"the model takes {'' if model.num_classes else 'un'}labelled grey images {model.image_shape}")
+        raise RunError(f"--data {args.data}: {'un' * (labels is None)}labelled images {tuple(images.shape[1:])}; "
+                       f"the model takes {'un' * (not model.num_classes)}labelled grey images {model.image_shape}")
     x_test = binarise(images, torch.Generator().manual_seed(TEST_BINARISATION_SEED))[:args.test_limit or None]
     y_test = labels[:len(x_test)] if model.num_classes else None  # a limited run scores a prefix
     if args.compress:
@@ -680,7 +681,6 @@ def run_on_data(args, model, sha, out):
         if len(images) < args.batch_size:
             raise RunError(f"--batch-size {args.batch_size} is larger than the training set ({len(images)} images)")
         steps = min(max(1, int(args.epochs * (len(images) // args.batch_size))), args.steps or math.inf)
-        print(f"{SCRIPT}: {sum(q.numel() for q in model.parameters()):,} parameters, {steps} steps", flush=True)
         model = train(model, images, labels if model.num_classes else None, steps, args.batch_size, args.lr,
                       args.ema_decay, args.bf16)
         save_checkpoint(out / "model.pt", model.config, model.state_dict())
@@ -700,7 +700,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
 
-# ============================================================================ appendix: the blocks every script repeats
+# ============================================================================ appendix: shared blocks
 
 # --- shared: run utilities ---
 class RunError(Exception):
