@@ -233,9 +233,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("samples", help="samples.npy: (N, 1, 28, 28) or (N, 28, 28), [0, 1] or uint8")
-    p.add_argument("--labels", help="(N,) asked digits (default: sample_labels.npy beside, if any)")
+    p.add_argument("--labels", help="(N,) asked digits; None: sample_labels.npy beside, if any")
     p.add_argument("--recon", help="recon.npy: reconstructions of the first n test digits")
-    p.add_argument("--json", help="output (default: digit_judge.json beside the samples)")
+    p.add_argument("--json", help="output; None: digit_judge.json beside the samples")
     p.add_argument("--data-dir", default=str(ROOT / "data" / "mnist"), help="MNIST's .gz files")
     p.add_argument("--cache", default=str(ROOT / "runs" / "tools"), help="the judge's folder")
     p.add_argument("--steps", type=int, default=STEPS, help="the judge's steps (fewer: for tests)")

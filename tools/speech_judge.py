@@ -228,7 +228,7 @@ def main(argv=None):
     p.add_argument("folder", help="a folder of *digit{d}*.wav files (wavenet.py's --out)")
     p.add_argument("--data-dir", default=str(ROOT / "data" / "fsdd" / "recordings"),
                    help="the FSDD recordings, {digit}_{speaker}_{index}.wav")
-    p.add_argument("--json", help="output (default: speech_judge.json in the folder)")
+    p.add_argument("--json", help="output; None: speech_judge.json in the folder")
     p.add_argument("--cache", default=str(ROOT / "runs" / "tools"), help="the judge's folder")
     p.add_argument("--steps", type=int, default=STEPS, help="the judge's steps (fewer: for tests)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
