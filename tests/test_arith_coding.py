@@ -306,6 +306,31 @@ def test_neural_round_trip_and_code_length(tiny_ckpt, tmp_path):
     assert forced * 0.999 < coded < forced * 1.001 + 3 * 10
 
 
+class RecordingEncoder(ac.ArithmeticEncoder):
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def encode(self, low_count, high_count, total):
+        self.events.append((low_count, high_count, total))
+        super().encode(low_count, high_count, total)
+
+
+def test_coder_tables_are_the_models_predictions_at_each_step(tiny_ckpt):
+    """Byte t is coded with the quantised P(x_t | x_<t) of the teacher-forced model, up
+    to float noise between step-by-step and whole-sequence evaluation. Catches a table
+    one step stale, a wrong START, a quantiser at another k."""
+    model, data = ac.load_gru(tiny_ckpt, CPU)[0], NEURAL_TEXT[:600]
+    rec = RecordingEncoder()
+    ac.neural_code(model, CPU, [rec], [len(data)], 24, data)
+    with torch.no_grad():
+        logits = model(torch.tensor([[ac.START, *data[:-1]]]))[0][0]      # (T, V)
+    want = ac.quantise(torch.softmax(logits.float(), -1).numpy(), 24)[np.arange(len(data)), list(data)]
+    got = np.array([hi - lo for lo, hi, total in rec.events])
+    assert len(got) == len(data) and {total for _, _, total in rec.events} == {1 << 24}
+    assert (np.abs(got - want) <= 2 + 1e-5 * want).all()
+
+
 def test_every_byte_value_round_trips_through_the_neural_coder(tiny_ckpt):
     """bytes(range(256)), random bytes, zero runs through the lock-step coder in
     1 and 2 streams (the second one shorter), bypassing stored mode."""
@@ -333,7 +358,7 @@ def test_neural_tables_do_not_depend_on_the_thread_count(tmp_path):
                      "neural", "--ckpt", str(ckpt), "--device", "cpu", "--streams", str(streams)])
     code = "import json, sys, arith_coding as ac\nac.MIN_CHUNK = 160\nfor a in json.loads(sys.argv[1]): ac.main(a)"
     done = subprocess.run([sys.executable, "-c", code, json.dumps(jobs)], cwd=ROOT, capture_output=True,
-                          text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+                          text=True, env=dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2"))
     assert done.returncode == 0, done.stderr
     caller = torch.get_num_threads()
     try:
@@ -388,8 +413,8 @@ def test_other_kernels_or_torch_are_refused_before_decoding(tiny_ckpt, tmp_path,
     monkeypatch.setattr(ac, "neural_code", lambda *a, **k: calls.append(1) or real(*a, **k))
     back = tmp_path / "back"
     for key, value in (("kernel", "arm64 NEON"), ("device", "cuda"), ("torch", "1.0.0"),
-                       ("probe_sha256", "0" * 32)):
-        bad = dict(header, fingerprint=dict(here, **{key: value}))
+                       ("probe_sha256", "0" * 32)):  # the probe changes too, but torch explains it
+        bad = dict(header, fingerprint={**here, "probe_sha256": "0" * 32, key: value})
         (tmp_path / "bad.ac").write_bytes(craft(bad, b"".join(payloads)))
         code, line = run_cli(capsys, "decompress", tmp_path / "bad.ac", back, "--ckpt", tiny_ckpt,
                              "--device", "cpu")
