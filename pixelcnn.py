@@ -610,7 +610,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="mnist", help="mnist, or a .npy of grey images (N, H, W): its last tenth tests")
     p.add_argument("--data-dir", default=str(Path(__file__).parent / "data" / "mnist"), help="MNIST's folder")
-    p.add_argument("--out", help=f"output folder (default: runs/{SCRIPT}; with --ckpt, <its folder>/<mode>)")
+    p.add_argument("--out", help=f"output folder (None: runs/{SCRIPT}, or with --ckpt <its folder>/<mode>)")
     p.add_argument("--epochs", type=positive_float, default=1.2, help="passes over the training images")
     p.add_argument("--steps", type=nonnegative_int, default=0, help="cap on optimizer steps (0: none)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per step")
