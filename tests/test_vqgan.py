@@ -99,6 +99,7 @@ def test_total_loss_is_the_sum_of_its_terms_with_lambda_from_the_last_layer():
 def test_beta_weighs_the_commitment_and_the_codes_get_the_full_codebook_term():
     """Catches beta on the codebook term instead of the commitment (the two are equal in
     value, so only gradients tell them apart) and a codebook term left out of the total."""
+    torch.manual_seed(0)
     args = tiny_args("--beta", "0.3")
     model, disc = tiny_models(args)
     terms, _, _ = vqgan.generator_loss(model, disc, torch.rand(4, 1, 28, 28) * 2 - 1, beta=0.3,
@@ -107,7 +108,8 @@ def test_beta_weighs_the_commitment_and_the_codes_get_the_full_codebook_term():
     grad = {k: torch.autograd.grad(terms[k], [e, first], retain_graph=True, allow_unused=True)
             for k in ("total", "l1", "codebook", "commit")}
     assert torch.allclose(grad["total"][0], grad["codebook"][0])    # L1, commit: no pull on codes
-    assert torch.allclose(grad["total"][1], grad["l1"][1] + 0.3 * grad["commit"][1], atol=1e-7)
+    want = grad["l1"][1] + 0.3 * grad["commit"][1]    # two backward passes: float noise ~1e-6
+    assert torch.allclose(grad["total"][1], want, atol=1e-5 * want.abs().max().item())
 
 
 def test_hinge_losses_on_hand_picked_logits():
