@@ -373,6 +373,8 @@ def test_cli_smoke_run_and_sample_only_beside_it(tiny_mnist_dir, tmp_path, capsy
                 "test_prior_nll_bits", "train_seconds", "steps", "device", "test_images"):
         assert key in saved, key
     assert saved["tokenizer_steps"] == 2 and saved["prior_steps"] == 2 and saved == metrics
+    weights = torch.load(out / "model.pt", weights_only=True)["model"].values()
+    assert all(w.dtype == torch.float32 for w in weights if w.is_floating_point())   # bf16 only inside autocast
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == saved
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
@@ -414,6 +416,19 @@ def test_a_smoke_run_tokenises_only_what_the_prior_reads(monkeypatch, tiny_mnist
     vqgan.main(SMOKE + ["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path / "o"), "--steps", "2",
                         "--prior-batch-size", "8", "--test-limit", "20", "--num-samples", "10"])
     assert seen == [2 * 8, 20]   # train: 2 steps of 8 images; test: --test-limit 20
+
+
+def test_training_steps_run_under_bf16_autocast_and_tokenising_and_scoring_do_not(monkeypatch, tiny_mnist_dir, tmp_path):
+    """Catches autocast left off a training step (the default run's 10-minute budget needs it), or
+    on around the tokenising and scoring (bf16 tokens would differ from the test set's)."""
+    seen = {"generator_step": [], "prior_nll": [], "encode": []}
+    for name, calls in seen.items():
+        real = getattr(vqgan, name)
+        spy = lambda *a, real=real, calls=calls, **k: calls.append(torch.is_autocast_enabled("cpu")) or real(*a, **k)
+        monkeypatch.setattr(vqgan, name, spy)
+    vqgan.main(SMOKE + ["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path / "o"), "--steps", "2",
+                        "--test-limit", "20", "--num-samples", "10"])
+    assert seen == {"generator_step": [True, True], "prior_nll": [True, True, False], "encode": [False, False]}
 
 
 def test_sampling_runs_at_one_thread_and_gives_the_callers_back(monkeypatch, tmp_path):
