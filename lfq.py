@@ -32,16 +32,7 @@ Shapes: B batch, C H W image (H, W multiples of 4), d bits per token (channels o
 h w = H/4 W/4 token grid, T = h*w, K = 2^d codes.
 """
 
-import argparse
-import gzip
-import json
-import math
-import os
-import random
-import struct
-import sys
-import time
-import zlib
+import argparse, gzip, json, math, os, random, struct, sys, time, zlib  # the appendix needs most
 from pathlib import Path
 
 import numpy as np
@@ -53,25 +44,23 @@ SCRIPT = "lfq"
 DOWNSAMPLE = 4               # two stride-2 convolutions: tokens h, w = H/4, W/4
 EXACT_ENTROPY_MAX_BITS = 20  # L_ent: exact batch entropy over all 2^d codes up to here
 GROUP_MAX_BITS = 8           # above: exact within groups of at most this many bits
-FULL_SOFTMAX_MAX_BITS = 12   # prior: softmax over 2^d codes up to here, d Bernoulli bits above
+FULL_SOFTMAX_MAX_BITS = 12   # the prior: a softmax over at most 2^12 codes
 
 
 # ============================================================ the quantiser: LFQ
 
 def quantize(z_e):
-    """z_q = sign(z_e) in {-1, +1} with a straight-through gradient.
-
-    sign(z_e) + (z_e - sg[z_e]) has the value sign(z_e) *exactly* (z - z is exactly 0
-    in floating point) and the gradient of the identity, so the decoder sees pure
-    +-1 codes while the encoder gets the gradient that arrived at z_q."""
+    """z_q = sign(z_e) in {-1, +1} with a straight-through gradient: sign(z_e) + (z_e - sg[z_e])
+    has the value sign(z_e) *exactly* (z - z is exactly 0 in floating point) and the gradient
+    of the identity, so the decoder sees pure +-1 codes while the encoder gets the gradient
+    that arrived at z_q."""
     s = torch.where(z_e > 0, 1.0, -1.0).to(z_e.dtype)  # sign(0) := -1, as [0 > 0] = 0
     return s + (z_e - z_e.detach())
 
 
 def code_to_index(codes):
     """token = sum_i 2^i [c_i > 0] for codes (..., d) -> (...) int64."""
-    d = codes.shape[-1]
-    powers = 2 ** torch.arange(d, device=codes.device)  # (d,): 1, 2, 4, ...
+    powers = 2 ** torch.arange(codes.shape[-1], device=codes.device)  # (d,): 1, 2, 4, ...
     return ((codes > 0).long() * powers).sum(-1)
 
 
@@ -82,13 +71,11 @@ def index_to_code(tokens, d):
 
 
 # ============================================================ the sibling: FSQ
-# Finite scalar quantisation (Mentzer et al. 2023): each channel of z_e is bounded and
-# rounded to one of L_i levels instead of to its sign, so the codebook is prod_i L_i
-# codes. No codebook parameters and no lookup, like LFQ; unlike LFQ no entropy or
-# commitment term: rounding a bounded value onto a small fixed grid keeps the grid in use.
-# Levels the paper recommends for about 2^bits codes (its table 1):
-FSQ_LEVELS = {8: (8, 6, 5), 10: (8, 5, 5, 5), 12: (7, 5, 5, 5, 5), 14: (8, 8, 8, 6, 5),
-              16: (8, 8, 8, 5, 5, 5)}
+# Finite scalar quantisation (Mentzer et al. 2023): each channel of z_e is bounded and rounded to
+# one of L_i levels instead of to its sign: prod_i L_i codes, no parameters and no lookup, like LFQ;
+# unlike LFQ, no entropy or commitment term: rounding a bounded value onto a small fixed grid keeps
+# the grid in use. The paper's levels for about 2^bits codes (its table 1):
+FSQ_LEVELS = {8: (8, 6, 5), 10: (8, 5, 5, 5), 12: (7, 5, 5, 5, 5), 14: (8, 8, 8, 6, 5), 16: (8, 8, 8, 5, 5, 5)}
 
 
 def fsq_quantize(z_e, levels):
@@ -98,8 +85,7 @@ def fsq_quantize(z_e, levels):
     of the integers -floor(L/2) .. ceil(L/2) - 1 (offset = 1/2 for even L, whose grid is
     not symmetric; shift = atanh(offset / half) makes bound(0) = 0); it is rounded with a
     straight-through gradient (the gradient of bound) and divided by floor(L/2). The
-    paper's code takes tan for the shift; atanh is the exact inverse. `levels`: a tuple
-    or the Tokenizer's buffer (a tensor already on the device: nothing built per call)."""
+    paper's code takes tan for the shift; atanh is the exact inverse. levels: tuple or tensor."""
     L = torch.as_tensor(levels, device=z_e.device).to(z_e.dtype).view(1, -1, 1, 1)
     half = (L - 1) * (1 - 1e-3) / 2
     offset = 0.5 * (L % 2 == 0)
@@ -168,17 +154,16 @@ def entropy_group_bits(bits, form="auto"):
 
 
 def entropy_terms(z, tau, groups):
-    """Per-sample and batch entropy (nats) of p(c|z) = softmax_c(-||z - c||^2 / tau).
+    """(E_z[H(p(.|z))], H(E_z[p(.|z)])): per-sample and batch entropy in nats of the soft
+    assignment p(c|z) = softmax_c(-||z - c||^2 / tau) of latents z (N, d) to the 2^d codes.
 
-    z: (N, d) latent vectors. The softmax over the 2^d codes factorises over bits: bit i
-    is +1 with probability sigmoid(l_i), l_i = 4 z_i / tau (the logit gap between c_i = +1
-    and c_i = -1), independently of the others. So the per-sample entropy is exactly a
-    sum of d binary entropies, H(sigmoid(l)) = softplus(l) - l sigmoid(l). The batch
-    entropy is not a sum over bits: `groups` (sizes summing to d, or one size dividing d)
-    splits the bits, each group gets its exact batch entropy, and the sum over groups is
-    an upper bound on the joint one (sum of marginal entropies >= joint), tight for one
-    group of d bits, loosest for d groups of one bit.
-    Returns (E_z[H(p(.|z))], H(E_z[p(.|z)]) summed over groups)."""
+    The softmax factorises over bits: bit i is +1 with probability sigmoid(l_i), l_i = 4 z_i
+    / tau (the logit gap between c_i = +1 and c_i = -1), independently of the others. So the
+    per-sample entropy is exactly a sum of d binary entropies, H(sigmoid(l)) = softplus(l) -
+    l sigmoid(l). The batch entropy is not a sum over bits: `groups` (sizes summing to d, or
+    one size dividing d) splits the bits, each group gets its exact batch entropy, and their
+    sum is an upper bound on the joint one (sum of marginal entropies >= joint), tight for
+    one group of d bits, loosest for d groups of one bit."""
     n, d = z.shape
     groups = (groups,) * (d // groups) if isinstance(groups, int) else groups
     l = 4 * z / tau                                                          # (N, d)
@@ -192,10 +177,8 @@ def entropy_terms(z, tau, groups):
 
 class Tokenizer(nn.Module):
     """Conv encoder H x W -> H/2 x W/2 -> h x w = H/4 x W/4 to z_e (B, d, h, w), LFQ (or
-    FSQ), the mirror decoder, for images of C channels.
-
-    levels=None: LFQ, d = bits sign bits, 2^d codes. levels=(L_1, ..): FSQ, d = len(levels)
-    channels, prod L_i codes."""
+    FSQ), the mirror decoder, for images of C channels. levels=None: LFQ, d = bits sign
+    bits, 2^d codes; levels=(L_1, ..): FSQ, d = len(levels) channels, prod L_i codes."""
 
     def __init__(self, bits=10, width=64, levels=None, channels=1):
         super().__init__()
@@ -203,33 +186,28 @@ class Tokenizer(nn.Module):
         self.levels = tuple(levels) if levels else None
         self.dim = d = len(self.levels) if self.levels else bits          # d, channels of z_e
         self.codebook_size = math.prod(self.levels) if self.levels else 2 ** bits
-        if self.levels:  # a buffer: moves with the model, never rebuilt per call
-            self.register_buffer("fsq_levels", torch.tensor(self.levels), persistent=False)
+        # FSQ's levels as a buffer (None for LFQ): it moves with the model, never rebuilt per call
+        self.register_buffer("fsq_levels", torch.tensor(self.levels) if levels else None, persistent=False)
         self.encoder = nn.Sequential(
             nn.Conv2d(channels, c1, 4, 2, 1), nn.ReLU(),        # (B, c1, H/2, W/2)
             nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU(),              # (B, c2, h, w)
             nn.Conv2d(c2, c2, 3, 1, 1), nn.ReLU(),
-            nn.Conv2d(c2, d, 1),                                # (B, d, h, w) = z_e
-        )
+            nn.Conv2d(c2, d, 1))                                # (B, d, h, w) = z_e
         self.decoder = nn.Sequential(
             nn.Conv2d(d, c2, 3, 1, 1), nn.ReLU(),               # (B, c2, h, w)
             nn.Conv2d(c2, c2, 3, 1, 1), nn.ReLU(),
             nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(),     # (B, c1, H/2, W/2)
-            nn.ConvTranspose2d(c1, channels, 4, 2, 1),          # (B, C, H, W)
-        )
+            nn.ConvTranspose2d(c1, channels, 4, 2, 1))          # (B, C, H, W)
         # Linear output, clamped to [0, 1] only when shown or scored: a sigmoid
         # would flatten the MSE gradient on the many pure-black pixels.
 
-    def quantize(self, z_e):
-        """z_q (B, d, h, w) with straight-through gradients: sign(z_e), or FSQ's rounding."""
+    def quantize(self, z_e):  # z_q (B, d, h, w), straight-through: sign(z_e), or FSQ's rounding
         return quantize(z_e) if self.levels is None else fsq_quantize(z_e, self.fsq_levels)
 
-    def to_index(self, codes):
-        """Codes (..., d) -> tokens (...)."""
+    def to_index(self, codes):  # codes (..., d) -> tokens (...)
         return code_to_index(codes) if self.levels is None else fsq_code_to_index(codes, self.fsq_levels)
 
-    def to_code(self, tokens):
-        """Tokens (...) -> codes (..., d)."""
+    def to_code(self, tokens):  # tokens (...) -> codes (..., d)
         return index_to_code(tokens, self.dim) if self.levels is None else fsq_index_to_code(tokens, self.fsq_levels)
 
     def forward(self, x, tau=1.0, groups=None):
@@ -246,16 +224,13 @@ class Tokenizer(nn.Module):
         if self.levels is None:  # LFQ; FSQ has no entropy or commitment term
             terms["commit"] = (z_e - z_q.detach()).pow(2).mean()
             z_flat = z_e.permute(0, 2, 3, 1).reshape(-1, self.dim)  # (B*h*w, d): one row per token
-            groups = groups or entropy_group_bits(self.dim)
-            terms["per_sample"], terms["batch"] = entropy_terms(z_flat, tau, groups)
+            terms["per_sample"], terms["batch"] = entropy_terms(z_flat, tau, groups or entropy_group_bits(self.dim))
         return x_hat, terms
 
-    def encode(self, x):
-        """Tokens (B, h, w) of images x."""
+    def encode(self, x):  # images (B, C, H, W) -> tokens (B, h, w)
         return self.to_index(self.quantize(self.encoder(x)).permute(0, 2, 3, 1))
 
-    def decode_tokens(self, tokens):
-        """Images in [0, 1] from tokens (B, h, w)."""
+    def decode_tokens(self, tokens):  # tokens (B, h, w) -> images in [0, 1]
         z_q = self.to_code(tokens).permute(0, 3, 1, 2)  # (B, d, h, w)
         return self.decoder(z_q).clamp(0, 1)
 
@@ -265,13 +240,12 @@ def stage_one_loss(terms, beta=0.25, entropy_weight=1.0, gamma=1.0):
     when each token is sure of its code and the batch spreads over all codes. FSQ: recon."""
     if "commit" not in terms:
         return terms["recon"]
-    entropy = terms["per_sample"] - gamma * terms["batch"]
-    return terms["recon"] + beta * terms["commit"] + entropy_weight * entropy
+    return terms["recon"] + beta * terms["commit"] + entropy_weight * (terms["per_sample"] - gamma * terms["batch"])
 
 
 # ============================================================ the token prior
 
-# --- shared: token prior (deviates: tokens enter as their d bits by a Linear layer, not a 2^d-row table; a per-bit head above 2^12 codes) ---
+# --- shared: token prior (deviates: a token enters as its code, d numbers, by a Linear layer, not a K-row table) ---
 # Stage two of the VQ family (vqvae.py, vqgan.py, lfq.py): an autoregressive prior over
 # the T = h*w tokens of an image in raster order, conditioned on its label y,
 #     p(z | y) = prod_t p(z_t | z_<t, y),   fitted by next-token cross-entropy,
@@ -319,51 +293,32 @@ class TokenPrior(nn.Module):
             raise ValueError(f"width {width} is not a multiple of heads {heads}")
         self.codebook_size, self.seq_len, self.num_classes = codebook_size, seq_len, num_classes
         # >>> deviates
-        # A token is read from its code, d numbers (LFQ: 2^d codes of d bits; FSQ: `levels`),
-        # by a Linear layer: its size grows with d, not with the 2^d codes.
-        self.levels = tuple(levels) if levels else None
-        if self.levels:
-            self.register_buffer("fsq_levels", torch.tensor(self.levels), persistent=False)
-        self.code_dim = len(self.levels) if self.levels else codebook_size.bit_length() - 1
+        # A token is read from its code, d numbers (LFQ: its d bits; FSQ: one per channel), by a Linear
+        # layer: codes that share bits share parts of their embedding; its size grows with d, not 2^d.
+        self.register_buffer("fsq_levels", torch.tensor(levels) if levels else None, persistent=False)
+        self.code_dim = len(levels) if levels else codebook_size.bit_length() - 1
         self.tok_emb = nn.Linear(self.code_dim, width)
-        # Output: logits over the K codes, or for K > 2^12 (LFQ) d Bernoulli logits, one per
-        # bit, p(z_t | .) = prod_i p(bit_i | .): a factorised head linear in d.
-        self.head_kind = "softmax" if codebook_size <= 2 ** FULL_SOFTMAX_MAX_BITS else "bits"
         # <<< deviates
         self.start_emb = nn.Embedding(num_classes + 1, width)  # row num_classes: "no label"
         self.pos_emb = nn.Parameter(0.02 * torch.randn(seq_len, width))
         self.blocks = nn.ModuleList(CausalBlock(width, heads) for _ in range(layers))
-        # >>> deviates
-        self.ln_f = nn.LayerNorm(width)
-        self.head = nn.Linear(width, codebook_size if self.head_kind == "softmax" else self.code_dim)
-
-    def to_code(self, tokens):
-        """Tokens (...) -> codes (..., d): +-1 bits (LFQ) or FSQ's numbers in [-1, 1]."""
-        if self.levels is None:
-            return index_to_code(tokens, self.code_dim)
-        return fsq_index_to_code(tokens, self.fsq_levels)
-        # <<< deviates
+        self.ln_f, self.head = nn.LayerNorm(width), nn.Linear(width, codebook_size)
 
     def forward(self, tokens, labels):
         # >>> deviates
-        h = torch.cat([self.start_emb(labels)[:, None], self.tok_emb(self.to_code(tokens[:, :-1]))], 1)
+        t, L = tokens[:, :-1], self.fsq_levels  # the tokens read, as their codes (B, t, d)
+        code = index_to_code(t, self.code_dim) if L is None else fsq_index_to_code(t, L)
+        h = torch.cat([self.start_emb(labels)[:, None], self.tok_emb(code)], 1)
         # <<< deviates
         h = h + self.pos_emb[:h.shape[1]]                                  # (B, t, E)
         for block in self.blocks:
             h = block(h)
-        # >>> deviates
-        return self.head(self.ln_f(h))                                     # (B, t, K or d)
-        # <<< deviates
+        return self.head(self.ln_f(h))                                     # (B, t, K)
 
 
 def prior_nll(prior, tokens, labels):
     """Mean negative log-likelihood per token in nats: -mean_{b,t} log p(z_t | z_<t, y)."""
     logits = prior(tokens, labels)                                         # (B, T, K)
-    # >>> deviates
-    if prior.head_kind == "bits":  # -log p(z_t | .) = sum over bits of binary cross-entropies
-        bits = (prior.to_code(tokens) > 0).to(logits.dtype)                # (B, T, d)
-        return F.binary_cross_entropy_with_logits(logits, bits, reduction="none").sum(-1).mean()
-    # <<< deviates
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
 
 
@@ -395,12 +350,6 @@ def sample_tokens(prior, labels, temperature=1.0, top_k=0, generator=None, prefi
         tokens[:, :start] = prefix
     for t in range(start, prior.seq_len):
         logits = prior(tokens[:, :t + 1], labels)[:, t]                    # (B, K)
-        # >>> deviates
-        if prior.head_kind == "bits":  # each bit from its own Bernoulli; top_k does not apply
-            u = torch.rand(logits.shape, generator=generator, device=logits.device)
-            tokens[:, t] = code_to_index(torch.where(u < (logits / temperature).sigmoid(), 1.0, -1.0))
-            continue
-        # <<< deviates
         tokens[:, t] = draw_token(logits, temperature, top_k, generator)
     prior.train(was_training)
     return tokens
@@ -441,8 +390,8 @@ def train_tokenizer(model, x_train, args, device):
     groups, progress = entropy_group_bits(model.dim, args.entropy), Progress(total, label="stage 1")
     model.train()
     for step, idx in enumerate(batches(len(x_train), args.batch_size, total), 1):
-        _, terms = model(x_train[idx].to(device), args.tau, groups)
-        loss = stage_one_loss(terms, args.beta, args.entropy_weight, args.gamma)
+        _, terms = model(x_train[idx].to(device), groups=groups)
+        loss = stage_one_loss(terms, args.beta, args.entropy_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -452,9 +401,8 @@ def train_tokenizer(model, x_train, args, device):
 
 
 def train_prior(prior, model, x_train, labels, args, device):
-    """Stage two: AdamW on the prior's NLL of the training images' tokens, cosine learning
-    rate. The tokenizer encodes each batch as it comes (a few per cent of a step's work),
-    so a short run tokenises only the images it sees. Returns the steps taken."""
+    """Stage two: AdamW on the prior's NLL of the training images' tokens, cosine learning rate,
+    each batch tokenised as it comes (a short run tokenises only what it sees). Returns the steps."""
     total = min(args.prior_epochs * (len(x_train) // args.batch_size), args.steps or math.inf)
     opt = torch.optim.AdamW(prior.parameters(), lr=args.prior_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total))
@@ -475,9 +423,8 @@ def train_prior(prior, model, x_train, labels, args, device):
 
 @torch.no_grad()
 def evaluate(model, prior, x, labels, device, batch_size=1000):
-    """Test MSE per pixel; how the test tokens use the codes (the number used at least once,
-    the perplexity exp(H(counts / N)) in codes); with a prior, -log2 p(tokens | y) per test
-    image in bits. Also the tokens (N, h, w)."""
+    """(metrics, tokens (N, h, w)): test MSE per pixel, codes used at least once, perplexity
+    exp(H(counts / N)) in codes; with a prior, -log2 p(tokens | y) per test image in bits."""
     model.eval()
     se, nats, tokens, progress = 0.0, 0.0, [], Progress(len(x), label="evaluate")
     for i in range(0, len(x), batch_size):
@@ -497,23 +444,21 @@ def evaluate(model, prior, x, labels, device, batch_size=1000):
                "codebook_perplexity": math.exp(-(p * p.log()).sum().item()),
                "bits_per_image": round(tokens[0].numel() * math.log2(model.codebook_size), 2)}
     if prior is not None:
-        metrics.update(test_prior_nll_bits=nats * tokens[0].numel() / len(x) / math.log(2),
-                       prior_head=prior.head_kind)
+        metrics["test_prior_nll_bits"] = nats * tokens[0].numel() / len(x) / math.log(2)
     return metrics, tokens
 
 
 @torch.no_grad()
 def draw_samples(model, prior, n, grid, temperature=1.0, top_k=0, seed=0, chunk=100):
-    """n images (n, C, H, W) in [0, 1] decoded from sampled token grids (h, w), and the labels:
-    0..num_classes-1 repeated (column j of a 10-wide grid holds class j), or all 0 = "no
-    label" for an unconditional prior (num_classes 0)."""
+    """n images (n, C, H, W) in [0, 1] decoded from sampled token grids (h, w), and their labels:
+    0..num_classes-1 repeated (column j of a 10-wide grid holds class j), or all 0 = "no label"."""
     labels = torch.arange(n, device=prior.pos_emb.device) % max(prior.num_classes, 1)
     gen = torch.Generator(device=labels.device).manual_seed(seed)
     images, threads, progress = [], torch.get_num_threads(), Progress(n, label="sample")
     torch.set_num_threads(1)  # T steps on small tensors: 8x faster than 2 threads on 2 cores
     try:
         for i in range(0, n, chunk):
-            tokens = sample_tokens(prior, labels[i:i + chunk], temperature, top_k, generator=gen)  # (b,T)
+            tokens = sample_tokens(prior, labels[i:i + chunk], temperature, top_k, gen)  # (b, T)
             images.append(model.decode_tokens(tokens.view(-1, *grid)).cpu())
             progress(i + len(tokens), len(tokens))
     finally:
@@ -534,8 +479,7 @@ def write_outputs(model, prior, x_test, args, device, out):
     write_png(out / "recon.png", image_grid(rows.flatten(0, 2), ncol=ncol))
     if prior is not None:
         grid = (x.shape[2] // DOWNSAMPLE, x.shape[3] // DOWNSAMPLE)
-        samples, labels = draw_samples(model, prior, args.num_samples, grid, args.temperature, args.top_k,
-                                       args.seed)
+        samples, labels = draw_samples(model, prior, args.num_samples, grid, args.temperature, args.top_k, args.seed)
         atomic_write(out / "samples.npy", lambda f: np.save(f, samples.numpy()))
         if prior.num_classes:
             atomic_write(out / "sample_labels.npy", lambda f: np.save(f, labels.numpy()))
@@ -544,26 +488,18 @@ def write_outputs(model, prior, x_test, args, device, out):
 
 # ============================================================ main
 
-MODEL_FLAGS = ("quantizer", "bits", "levels", "width", "prior_width", "prior_layers", "prior_heads")
-
-
-def int_tuple(text):  # "8,5,5,5" -> (8, 5, 5, 5)
-    return tuple(int(v) for v in text.split(","))
+MODEL_FLAGS = ("quantizer", "bits", "width", "prior_width", "prior_layers", "prior_heads")  # they shape the model
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add, nonnegative_float = p.add_argument, checked(float, lambda v: 0 <= v < math.inf, ">= 0")
-    add("--data", default="mnist",
-        help="mnist, or a .npy of images (N, H, W) or (N, C, H, W), uint8 or in [0, 1], H and W multiples of 4")
+    add("--data", default="mnist", help="mnist, or a .npy of images (N, H, W) or (N, C, H, W); H, W multiples of 4")
     add("--data-dir", default=str(Path(__file__).resolve().parent / "data" / "mnist"), help="MNIST's folder")
     add("--out", help="output folder (None: runs/lfq, or with --sample-only sample_only/ beside --ckpt)")
     add("--quantizer", choices=["lfq", "fsq"], default="lfq", help="sign bits, or finite scalar quantisation")
     add("--bits", type=checked(int, lambda v: 1 <= v <= 24, "in 1..24"), default=10,
-        help="d, bits per token: 2^d codes (FSQ: the paper's levels for about 2^d codes)")
-    add("--levels", type=checked(int_tuple, lambda v: min(v) >= 3, "FSQ levels >= 3, e.g. 8,5,5,5"),
-        help="FSQ levels per channel, e.g. 8,5,5,5 (1,000 codes)")
+        help=f"d, bits per token: 2^d codes (FSQ: the paper's levels for about 2^d codes, d in {sorted(FSQ_LEVELS)})")
     add("--width", type=checked(int, lambda v: v >= 2, ">= 2"), default=64, help="channels of the conv layers")
     add("--epochs", type=positive_int, default=5, help="stage one (tokenizer) epochs")
     add("--prior-epochs", type=nonnegative_int, default=3, help="stage two (prior) epochs; 0: no prior")
@@ -574,17 +510,13 @@ def parse_args(argv=None):
     add("--beta", type=nonnegative_float, default=0.25, help="weight of the commitment term")
     add("--entropy-weight", type=nonnegative_float, default=1.0,
         help="lambda, weight of L_ent (MAGVIT-v2 used 0.1; this small model collapses there)")
-    add("--gamma", type=nonnegative_float, default=1.0, help="weight of the batch entropy in L_ent")
-    add("--tau", type=positive_float, default=1.0, help="temperature of the soft assignment p(c|z_e)")
-    add("--entropy", choices=["auto", "exact", "groups", "per-bit"], default="auto",
-        help="batch entropy in L_ent: exact over all 2^d codes; groups: summed over the fewest groups of <= 8 "
-        "bits, as equal as possible (23 = 8 + 8 + 7), an upper bound; per-bit: d groups of 1 bit (the loosest); "
-        "auto: exact up to d = 20, groups above")
+    add("--entropy", choices=["auto", "exact", "groups", "per-bit"], default="auto", help="L_ent's batch entropy: "
+        "exact, or summed (a bound) over groups of <= 8 bits (23 = 8 + 8 + 7) or single bits; auto: exact to d = 20")
     add("--prior-width", type=positive_int, default=128, help="transformer width")
     add("--prior-layers", type=positive_int, default=3, help="transformer blocks")
     add("--prior-heads", type=positive_int, default=4, help="attention heads (dividing the width)")
     add("--temperature", type=positive_float, default=1.0, help="sampling temperature")
-    add("--top-k", type=nonnegative_int, default=0, help="sample among the k likeliest codes (0: all; d <= 12)")
+    add("--top-k", type=nonnegative_int, default=0, help="sample among the k likeliest codes (0: all)")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when present")
     add("--seed", type=nonnegative_int, default=0, help="seeds random, numpy and torch")
     add("--num-samples", type=positive_int, default=100, help="samples, spread evenly over the classes")
@@ -593,17 +525,15 @@ def parse_args(argv=None):
     add("--ckpt", help="the model.pt that --sample-only loads")
     args = p.parse_args(argv)
     changed = [f"--{k.replace('_', '-')}" for k in MODEL_FLAGS if getattr(args, k) != p.get_default(k)]
-    levels = args.levels or FSQ_LEVELS.get(args.bits) if args.quantizer == "fsq" else ()
+    levels = FSQ_LEVELS.get(args.bits) if args.quantizer == "fsq" else ()
     if args.sample_only != bool(args.ckpt) or (args.sample_only and changed):
-        p.error(f"{', '.join(changed)} shape the model; --sample-only loads --ckpt's" if changed and args.ckpt
-                else "--sample-only and --ckpt PATH go together")
+        p.error(f"--sample-only and --ckpt go together, with no flag that shapes the model ({', '.join(changed)})")
     if args.prior_width % args.prior_heads:
         p.error("--prior-width must be a multiple of --prior-heads")
-    if levels is None or (args.levels and args.quantizer == "lfq"):
-        p.error(f"--quantizer fsq takes --levels L1,L2,.. or --bits in {sorted(FSQ_LEVELS)}; lfq no --levels")
-    if args.prior_epochs and math.prod(levels) > 2 ** FULL_SOFTMAX_MAX_BITS:
-        p.error(f"a prior over FSQ tokens is a softmax over at most {2 ** FULL_SOFTMAX_MAX_BITS:,} codes; "
-                "use --prior-epochs 0")
+    if levels is None:
+        p.error(f"--quantizer fsq takes --bits in {sorted(FSQ_LEVELS)}")
+    if args.prior_epochs and (math.prod(levels) if levels else 2 ** args.bits) > 2 ** FULL_SOFTMAX_MAX_BITS:
+        p.error(f"the prior is a softmax over at most {2 ** FULL_SOFTMAX_MAX_BITS:,} codes; use --prior-epochs 0")
     args.levels = list(levels)
     args.out = args.out or str(Path(args.ckpt).parent / "sample_only" if args.sample_only else f"runs/{SCRIPT}")
     return args
@@ -637,13 +567,10 @@ def run(args):
     elif args.batch_size > len(x_train):
         raise RunError(f"--batch-size {args.batch_size} is larger than the training set ({len(x_train)} images)")
     else:
-        model = build(config := {
-            "bits": args.bits, "width": args.width, "levels": args.levels, "image_shape": shape,
-            "num_classes": 0 if y_train is None else int(y_train.max()) + 1, "prior": args.prior_epochs > 0,
-            "prior_width": args.prior_width, "prior_layers": args.prior_layers, "prior_heads": args.prior_heads})
+        model = build(config := {"bits": args.bits, "width": args.width, "levels": args.levels, "image_shape": shape,
+                                 "num_classes": 0 if y_train is None else int(y_train.max()) + 1,
+                                 "prior": args.prior_epochs > 0, **{k: getattr(args, k) for k in MODEL_FLAGS[3:]}})
     tokenizer, prior = model["tokenizer"].to(device), model["prior"].to(device) if "prior" in model else None
-    if args.top_k and prior is not None and prior.head_kind == "bits":
-        raise RunError("--top-k needs the prior's softmax head (d <= 12); this one samples bit by bit")
     k = prior.num_classes if prior is not None else 0  # the prior's label: the class, or k = "no label"
     y_train, y_test = (y[:len(x)] if y is not None and k else torch.full((len(x),), k)
                        for x, y in ((x_train, y_train), (x_test, y_test)))
@@ -652,17 +579,13 @@ def run(args):
         steps[0] = train_tokenizer(tokenizer, x_train, args, device)
         if prior is not None:
             steps[1] = train_prior(prior, tokenizer, x_train, y_train, args, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # GPU work is asynchronous: time it once it is done
-        save_checkpoint(out / "model.pt", config, model.state_dict())
+        save_checkpoint(out / "model.pt", config, model.state_dict())  # a copy to the host: waits for a GPU
     train_seconds = 0.0 if args.sample_only else round(time.time() - start, 1)
     metrics = evaluate(tokenizer, prior, x_test, y_test, device)[0]
     write_outputs(tokenizer, prior, x_test, args, device, out)
-    metrics.update(quantizer="fsq" if tokenizer.levels else "lfq",
-                   levels=list(tokenizer.levels or [2] * tokenizer.dim),
-                   bits=round(math.log2(tokenizer.codebook_size), 2), train_seconds=train_seconds,
-                   steps=sum(steps), steps_stage1=steps[0], steps_stage2=steps[1], device=str(device),
-                   test_images=len(x_test))
+    metrics.update(quantizer="fsq" if tokenizer.levels else "lfq", levels=list(tokenizer.levels or [2] * tokenizer.dim),
+                   bits=round(math.log2(tokenizer.codebook_size), 2), train_seconds=train_seconds, steps=sum(steps),
+                   steps_stage1=steps[0], steps_stage2=steps[1], device=str(device), test_images=len(x_test))
     write_json(out / "metrics.json", metrics)
     print(json.dumps(metrics))
     return metrics
