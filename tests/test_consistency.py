@@ -31,6 +31,9 @@ CARRIERS = {
 }
 # Blocks that are the method itself stay above the appendix; the rest is plumbing below it.
 METHOD_BLOCKS = {"token prior", "arithmetic coder"}
+# Each file's size (wc -l, docstring and comments included): a reference is read whole.
+MAX_LINES = {"autoencoder": 420, "vae": 500, "pixelcnn": 880, "wavenet": 850, "vqvae": 700,
+             "vqgan": 720, "lfq": 780, "arith_coding": 1050}
 
 
 def shared_blocks(text, filename="<text>"):
@@ -141,6 +144,12 @@ def test_method_first_plumbing_in_the_appendix(script):
         f"{script}.py: should end with the __main__ guard")
     doc = ast.get_docstring(ast.parse(text))
     assert doc and len(doc.splitlines()) <= 40, f"{script}.py: module docstring over ~35 lines"
+
+
+@pytest.mark.parametrize("script", present_scripts())
+def test_each_file_within_its_size(script):
+    lines = (ROOT / f"{script}.py").read_text().count("\n")
+    assert lines <= MAX_LINES[script], f"{script}.py: {lines} lines, at most {MAX_LINES[script]}"
 
 
 @pytest.mark.parametrize("script", present_scripts())
