@@ -74,15 +74,19 @@ def mu_law_decode(q, mu=Q - 1):
 
 # ============================================================ the model: dilated causal convolutions
 
-class CausalConv1d(nn.Conv1d):
-    """Conv1d whose output at t sees inputs t - (k-1) d .. t: pad (k-1) d zeros on the left."""
+class CausalConv1d(nn.Linear):
+    """Causal convolution with kernel 2 and dilation d, channels last:
+    y_t = W [x_{t-d}; x_t] + b, with zeros for x before the start. The same numbers as
+    nn.Conv1d(c_in, c_out, 2, dilation=d) on a left-padded input, as one matrix product on
+    the two taps stacked: in bf16 on a CPU that runs 1.3x faster than mkldnn's Conv1d."""
 
-    def __init__(self, c_in, c_out, kernel_size=2, dilation=1):
-        super().__init__(c_in, c_out, kernel_size, dilation=dilation)
-        self.left = (kernel_size - 1) * dilation
+    def __init__(self, c_in, c_out, dilation=1):
+        super().__init__(2 * c_in, c_out)  # W: (C_out, 2 C_in) = [W_past, W_now]
+        self.dilation = dilation
 
-    def forward(self, x):  # (B, C_in, T) -> (B, C_out, T)
-        return super().forward(F.pad(x, (self.left, 0)))
+    def forward(self, x):  # (B, T, C_in) -> (B, T, C_out)
+        past = F.pad(x, (0, 0, self.dilation, 0))[:, :x.shape[1]]  # x_{t-d}: d zeros, then x
+        return super().forward(torch.cat([past, x], 2))
 
 
 class ResidualBlock(nn.Module):
@@ -92,24 +96,25 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.channels, self.dilation = channels, dilation
         # W_f and W_g as one convolution with 2C outputs (filter half, gate half).
-        self.dilated = CausalConv1d(channels, 2 * channels, 2, dilation)
+        self.dilated = CausalConv1d(channels, 2 * channels, dilation)
         self.cond = nn.Linear(cond_channels, 2 * channels, bias=False) if cond_channels else None
-        # W_r and W_s as one 1x1 convolution: C residual + S skip outputs.
-        self.out = nn.Conv1d(channels, channels + skip_channels, 1)
+        # W_r and W_s as one 1x1 convolution (a Linear per time step): C residual + S skip outputs.
+        self.out = nn.Linear(channels, channels + skip_channels)
 
-    def forward(self, x, h):  # x (B, C, T), h (B, E) or None
-        a = self.dilated(x)  # (B, 2C, T)
+    def forward(self, x, h):  # x (B, T, C), h (B, E) or None
+        a = self.dilated(x)  # (B, T, 2C)
         if h is not None:
-            a = a + self.cond(h)[:, :, None]  # V h: the same bias at every time step
-        f, g = a.chunk(2, 1)
-        z = torch.tanh(f) * torch.sigmoid(g)  # (B, C, T)
-        r, skip = self.out(z).split([self.channels, self.out.out_channels - self.channels], 1)
+            a = a + self.cond(h)[:, None]  # V h: the same bias at every time step
+        f, g = a.chunk(2, 2)
+        z = torch.tanh(f) * torch.sigmoid(g)  # (B, T, C)
+        r, skip = self.out(z).split([self.channels, self.out.out_features - self.channels], 2)
         return x + r, skip
 
 
 class WaveNet(nn.Module):
     """Embedding -> causal input conv -> gated residual blocks (dilations 1 .. max, `stacks`
-    times) -> sum of skips -> ReLU - 1x1 - ReLU - 1x1 -> Q logits per time step."""
+    times) -> sum of skips -> ReLU - 1x1 - ReLU - 1x1 -> Q logits per time step.
+    Channels last, (B, T, C), as in a transformer: every 1x1 convolution is a Linear."""
 
     def __init__(self, channels=32, skip_channels=64, stacks=2, max_dilation=256,
                  n_digits=10, n_speakers=0, cond_channels=16):
@@ -117,14 +122,14 @@ class WaveNet(nn.Module):
         self.dilations = [2 ** i for i in range(int(math.log2(max_dilation)) + 1)] * stacks
         # One-hot input times a matrix = an embedding of the 256 classes.
         self.embed = nn.Embedding(Q, channels)
-        self.input_conv = CausalConv1d(channels, channels, 2)
+        self.input_conv = CausalConv1d(channels, channels)
         e = cond_channels if n_digits else 0
         self.digit_embed = nn.Embedding(n_digits, e) if e else None
         self.speaker_embed = nn.Embedding(n_speakers, e) if e and n_speakers else None
         self.blocks = nn.ModuleList(ResidualBlock(channels, skip_channels, d, e)
                                     for d in self.dilations)
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv1d(skip_channels, skip_channels, 1),
-                                  nn.ReLU(), nn.Conv1d(skip_channels, Q, 1))
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(skip_channels, skip_channels),
+                                  nn.ReLU(), nn.Linear(skip_channels, Q))
 
     def receptive_field(self):
         """Number of past samples the logit at t depends on: x_{t-R} .. x_{t-1}.
@@ -141,25 +146,25 @@ class WaveNet(nn.Module):
         return h
 
     def forward_embedded(self, e, h):
-        """Logits (B, Q, T) from embedded inputs e (B, C, T); logit t predicts x_t."""
-        x = F.pad(e, (1, 0))[:, :, :-1]  # shift right by one: position t holds x_{t-1}
+        """Logits (B, T, Q) from embedded inputs e (B, T, C); logit t predicts x_t."""
+        x = F.pad(e, (0, 0, 1, 0))[:, :-1]  # shift right by one: position t holds x_{t-1}
         x = self.input_conv(x)
         skips = 0
         for block in self.blocks:
             x, skip = block(x, h)
-            skips = skips + skip  # (B, S, T)
+            skips = skips + skip  # (B, T, S)
         return self.head(skips)
 
     def forward(self, x, digit=None, speaker=None):
-        """Logits (B, Q, T) for classes x (B, T): logit t scores x_t given x_<t and h."""
-        return self.forward_embedded(self.embed(x).transpose(1, 2), self.condition(digit, speaker))
+        """Logits (B, T, Q) for classes x (B, T): logit t scores x_t given x_<t and h."""
+        return self.forward_embedded(self.embed(x), self.condition(digit, speaker))
 
 
 # ============================================================ the objective
 
 def nll_loss(logits, x, mask=None):
-    """-log P(x_t | x_<t, h) averaged over the (unmasked) samples, in nats."""
-    nll = F.cross_entropy(logits.float(), x, reduction="none")  # (B, T)
+    """-log P(x_t | x_<t, h) averaged over the (unmasked) samples, in nats; logits (B, T, Q)."""
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), x.flatten(), reduction="none").view_as(x)
     if mask is None:
         return nll.mean()
     return (nll * mask).sum() / mask.sum().clamp(min=1)
@@ -181,10 +186,7 @@ class FastGenerator:
         B, C = self.B, model.embed.embedding_dim
         self.model, self.t = model, 0
 
-        def taps(conv):  # (C_out, C_in, 2) -> (2 C_in, C_out): [past; now] @ W
-            return torch.cat([conv.weight[:, :, 0], conv.weight[:, :, 1]], 1).t().contiguous()
-
-        self.in_w, self.in_b = taps(model.input_conv), model.input_conv.bias
+        self.in_w, self.in_b = model.input_conv.weight.t(), model.input_conv.bias  # [past; now] @ W
         self.in_prev = torch.zeros(B, C, device=p.device, dtype=p.dtype)
         self.layers = []
         for block in model.blocks:
@@ -192,9 +194,9 @@ class FastGenerator:
             if h is not None:
                 bias = bias + block.cond(h)  # V h, fixed for the whole stream
             queue = torch.zeros(block.dilation, B, C, device=p.device, dtype=p.dtype)
-            self.layers.append((block.dilation, queue, taps(block.dilated), bias.contiguous(),
-                                block.out.weight[:, :, 0].t().contiguous(), block.out.bias))
-        self.head = [(m.weight[:, :, 0], m.bias) for m in model.head if isinstance(m, nn.Conv1d)]
+            self.layers.append((block.dilation, queue, block.dilated.weight.t(), bias.contiguous(),
+                                block.out.weight.t(), block.out.bias))
+        self.head = [(m.weight, m.bias) for m in model.head if isinstance(m, nn.Linear)]
 
     def step(self, e):
         """e (B, C): embedding of the previous sample x_{t-1} (zeros at t = 0).
@@ -218,7 +220,7 @@ class FastGenerator:
 
 @torch.no_grad()
 def fast_logits(model, x, digit=None, speaker=None):
-    """Teacher-forced logits (B, Q, T) computed step by step through the caches: must
+    """Teacher-forced logits (B, T, Q) computed step by step through the caches: must
     equal model(x, digit, speaker), which the tests check."""
     gen = FastGenerator(model, digit, speaker, batch=len(x))
     e = model.embed(x)  # (B, T, C)
@@ -227,7 +229,7 @@ def fast_logits(model, x, digit=None, speaker=None):
     for t in range(x.shape[1]):
         out.append(gen.step(prev))
         prev = e[:, t]
-    return torch.stack(out, 2)
+    return torch.stack(out, 1)
 
 
 def sample_next(logits, temperature, generator):
@@ -273,7 +275,7 @@ def naive_generate(model, digit, speaker, n, temperature=1.0, seed=0):
     x = torch.empty(len(digit), 0, dtype=torch.long, device=device)
     for _ in range(n):
         window = F.pad(x[:, -r:], (0, 1))  # last R samples + a slot for x_t (never read)
-        logits = model(window, digit, speaker)[:, :, -1]
+        logits = model(window, digit, speaker)[:, -1]
         x = torch.cat([x, sample_next(logits, temperature, generator)[:, None]], 1)
     return x
 
@@ -386,7 +388,7 @@ def train(model, data, speakers, device, steps, batch_size=8, crop=2000, lr=2e-3
         crops = random_crops(data, batch_size, crop, rng, speakers)
         x, digit, speaker, mask = (t.to(device) for t in crops)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x, digit, speaker)  # (B, Q, T); the loss is computed in fp32
+            logits = model(x, digit, speaker)  # (B, T, Q); the loss is computed in fp32
         loss = nll_loss(logits, x, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -417,8 +419,9 @@ def evaluate(model, test, speakers, device, max_tokens=1 << 14):
         digit = torch.tensor([d for _, d, _ in batch], device=device)
         speaker = torch.tensor([speakers.index(s) for _, _, s in batch], device=device)
         x, mask = x.to(device), mask.to(device)
-        nll = F.cross_entropy(model(x, digit, speaker).float(), x, reduction="none")  # (B, T)
-        total_nats += (nll * mask).sum().double().item()
+        logits = model(x, digit, speaker).flatten(0, 1).float()  # (B T, Q)
+        nll = F.cross_entropy(logits, x.flatten(), reduction="none")  # (B T,)
+        total_nats += (nll * mask.flatten()).sum().double().item()
         count += sum(len(c) for c, _, _ in batch)
         i = j
         progress(i, len(batch))
@@ -502,7 +505,7 @@ def parse_args(argv=None):
         help="folder of mono 16-bit 8 kHz wav files named {digit}_{speaker}_{index}.wav "
         "(index 0-4: test), e.g. FSDD's recordings/")
     add("--out", help="output folder; None: runs/wavenet, or <ckpt folder>/sample_only")
-    add("--steps", type=positive_int, default=2400, help="optimizer steps")
+    add("--steps", type=positive_int, default=1900, help="optimizer steps")
     add("--batch-size", type=positive_int, default=8, help="crops per step")
     add("--crop", type=positive_int, default=2000, help="samples per training crop")
     add("--lr", type=positive_float, default=2e-3, help="peak learning rate (cosine decay)")
@@ -514,8 +517,8 @@ def parse_args(argv=None):
     add("--max-dilation", type=power_of_two, default=256, help="dilations 1, 2, 4, ..., this")
     add("--condition", choices=["none", "digit", "digit+speaker"], default="digit+speaker",
         help="global conditioning h")
-    add("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast in "
-        "training: faster on GPUs and on CPUs with AVX512-BF16 or AMX, slower where emulated")
+    add("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast in "
+        "training: faster on GPUs and on CPUs with AVX512-BF16 or AMX; --no-bf16 where emulated")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when present")
     add("--seed", type=nonnegative_int, default=0, help="seeds random, numpy, torch and sampling")
     add("--num-samples", type=positive_int, default=10, help="generated streams, digit i mod 10")

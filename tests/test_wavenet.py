@@ -55,9 +55,9 @@ def test_mu_law_end_points_and_zero():
 def input_gradient(model, t, T, h=None):
     """Which input times the logits at time t depend on: |d logits_t / d e| summed over
     channels, (T,) float64."""
-    e = torch.randn(1, model.embed.embedding_dim, T, dtype=torch.float64, requires_grad=True)
-    model.forward_embedded(e, h)[0, :, t].sum().backward()
-    return e.grad[0].abs().sum(0)
+    e = torch.randn(1, T, model.embed.embedding_dim, dtype=torch.float64, requires_grad=True)
+    model.forward_embedded(e, h)[0, t].sum().backward()
+    return e.grad[0].abs().sum(1)
 
 
 @pytest.mark.parametrize("t", [0, 5, 40, 79])
@@ -93,7 +93,7 @@ def test_fast_generation_logits_equal_full_forward(cond):
     with torch.no_grad():
         full = model(x, digit, speaker)
     fast = W.fast_logits(model, x, digit, speaker)
-    assert fast.shape == full.shape == (3, 256, 100)
+    assert fast.shape == full.shape == (3, 100, 256)
     torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5)
 
 
@@ -129,10 +129,10 @@ def test_generate_matches_full_recomputation_step_by_step(monkeypatch, cond):
     digit, speaker = torch.tensor([1, 7, 3]), torch.tensor([0, 2, 1])
     seen = record_logits(monkeypatch)
     fast = W.generate(model, digit, speaker, 300, temperature=1.0, seed=5, show_progress=False)
-    fast_steps = torch.stack(seen, 2)  # (B, Q, T)
+    fast_steps = torch.stack(seen, 1)  # (B, T, Q)
     seen.clear()
     naive = W.naive_generate(model, digit, speaker, 300, temperature=1.0, seed=5)
-    naive_steps = torch.stack(seen, 2)
+    naive_steps = torch.stack(seen, 1)
     with torch.no_grad():
         full = model(fast, digit, speaker)  # teacher-forced on the fast sampler's own output
     assert len(set(fast[0].tolist())) > 50  # a near-uniform random net: varied samples
@@ -183,12 +183,12 @@ def test_use_from_python():
     model = W.build_model({"channels": 8, "skip_channels": 8, "stacks": 1, "max_dilation": 4,
                            "cond_channels": 4, "condition": "digit", "speakers": []})
     x, digit = torch.randint(0, 256, (2, 50)), torch.tensor([3, 7])
-    logits = model(x, digit)  # (B, Q, T): logit t predicts x_t from x_<t
+    logits = model(x, digit)  # (B, T, Q): logit t predicts x_t from x_<t
     loss = W.nll_loss(logits, x)
     loss.backward()
-    assert logits.shape == (2, 256, 50) and math.isfinite(loss.item())
+    assert logits.shape == (2, 50, 256) and math.isfinite(loss.item())
     classes = W.generate(model, digit, None, 20, show_progress=False)  # (B, T)
-    assert classes.shape == (2, 20) and model(classes, digit).shape == (2, 256, 20)
+    assert classes.shape == (2, 20) and model(classes, digit).shape == (2, 20, 256)
     assert W.mu_law_decode(classes).abs().max() <= 1
 
 
@@ -233,7 +233,7 @@ def test_evaluate_in_padded_batches_equals_each_recording_alone():
         for c, d, s in test:
             x = torch.from_numpy(c.astype(np.int64))[None]
             logits = model(x, torch.tensor([d]), torch.tensor([speakers.index(s)]))
-            nats += torch.nn.functional.cross_entropy(logits, x, reduction="sum").item()
+            nats += torch.nn.functional.cross_entropy(logits[0], x[0], reduction="sum").item()
     assert count == sum(len(c) for c, _, _ in test)
     assert bits == pytest.approx(nats / count / math.log(2), rel=1e-6)
 
