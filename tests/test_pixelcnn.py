@@ -99,20 +99,21 @@ def naive_sample(model, labels, seed):
 
 
 def test_sampler_matches_a_naive_full_image_sampler():
-    """Catches the sampler reading another pixel's logits (e.g. the crop's top row instead of
-    its last) or a crop that cuts rows the pixel sees: every logit it drew from must equal
-    the full pass over the image it made, and its samples the naive sampler's."""
-    model = labelled(P.GatedPixelCNN((1, 12, 10), levels=3, channels=8, layers=3)).eval()
-    with torch.no_grad():  # rows > rows_above, so the crop really is cut
+    """Catches the sampler reading another pixel's logits (e.g. the crop's first column instead of
+    pixel j's), a crop or a vertical-stack cone that cuts pixels the pixel sees, and the link
+    feeding the last row from another: every logit it drew from must equal the full pass over
+    the image it made, and its samples the naive sampler's."""
+    model = labelled(P.GatedPixelCNN((1, 12, 13), levels=3, channels=8, layers=3)).eval()
+    with torch.no_grad():  # H, W > 2 rows_above + 1 = 11: crops are cut above, left and right
         model.head[-1].bias.copy_(torch.tensor([0.5, 0.0, -0.5]))
-    labels, seen = torch.tensor([0, 4, 7, 9]), []
+    labels, seen, R = torch.tensor([0, 4, 7, 9]), [], model.rows_above
     hook = model.register_forward_hook(lambda module, inputs, out: seen.append(out[:, :, 0, -1]))
     x = P.sample(model, 4, labels, seed=3)
     hook.remove()
     with torch.no_grad():
         full = model(x, labels)[:, :, 0]                           # (B, L, H, W) of the final images
-    drawn_from = torch.stack([seen[t][:, :, t % 10] for t in range(120)], -1).view(4, 3, 12, 10)
-    assert (drawn_from - full).abs().max() < 1e-5
+    drawn_from = torch.stack([seen[t][:, :, t % 13 - max(0, t % 13 - R)] for t in range(156)], -1)
+    assert (drawn_from.view(4, 3, 12, 13) - full).abs().max() < 1e-5
     assert torch.equal(x, naive_sample(model, labels, seed=3))
     assert len(x.unique()) == 3  # every value occurs: a wrong row changes the draws
 
