@@ -27,8 +27,8 @@ dims, T time (samples), Q = 256 mu-law classes.
 Run:   python wavenet.py --data-dir free-spoken-digit-dataset/recordings
        python wavenet.py --data tones --steps 2          (smoke run, seconds)
        python wavenet.py --sample-only --ckpt runs/wavenet/model.pt --temperature 0.9
-A default run writes runs/wavenet/: test bits/sample in metrics.json (3.98 with --bf16, in
-under 16 minutes on a 2-core EPYC), one second of each digit in samples_digit{0..9}.wav (and
+A default run writes runs/wavenet/: test bits/sample in metrics.json (4.03, in 10 m 11 s on
+a 2-core Xeon with AMX), one second of each digit in samples_digit{0..9}.wav (and
 samples.npy, sample_labels.npy), spectrograms.png; `python tools/speech_judge.py
 runs/wavenet` tells which digit each sample says.
 """
