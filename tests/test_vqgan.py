@@ -175,6 +175,25 @@ def test_gan_term_joins_only_after_disc_start_and_never_with_no_gan(monkeypatch,
     assert tiny_args("--steps", "50").disc_start == 20    # 800 of 2,000 -> 20 of 50
 
 
+def test_both_players_learning_rates_decay_on_the_cosine_to_zero(monkeypatch, tiny_mnist_dir):
+    """Catches a constant learning rate (the GAN's last step is then a noisy draw), the decay off
+    by one step, or only one of the two players decayed."""
+    x, _ = mnist(tiny_mnist_dir, "train")
+    seen, real_step = [], vqgan.generator_step
+
+    def spy(model, disc, opt_g, x, **kw):
+        seen.append(opt_g.param_groups[0]["lr"])
+        return real_step(model, disc, opt_g, x, **kw)
+
+    monkeypatch.setattr(vqgan, "generator_step", spy)
+    d_lrs, real_adam = [], torch.optim.Adam
+    monkeypatch.setattr(vqgan.torch.optim, "Adam", lambda *a, **k: d_lrs.append(real_adam(*a, **k)) or d_lrs[-1])
+    args = tiny_args("--tok-steps", "5", "--batch-size", "8", "--lr", "1e-3")
+    vqgan.train_tokenizer(*tiny_models(args), x, args, CPU)
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * s / 5)) for s in range(5)]   # 1e-3 at step 1, then down
+    assert seen == pytest.approx(expected) and d_lrs[1].param_groups[0]["lr"] == pytest.approx(expected[-1])
+
+
 # ----------------------------------------------------------------------------- the quantiser
 
 def test_straight_through_and_the_two_vq_gradients():
