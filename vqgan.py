@@ -360,7 +360,7 @@ def to_unit(x):  # [-1, 1] -> [0, 1], clamped: how images are shown and scored
 
 def train_tokenizer(model, disc, x_train, args, device):
     """Alternate one generator step and one discriminator step; restart dead codes. Both stages train
-    under bf16 autocast (weights, optimiser, losses fp32): 1.8x faster on a CPU with AMX, same quality."""
+    under bf16 autocast unless --no-bf16 (weights, optimiser, losses fp32): 1.8x faster with AMX."""
     opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.5, 0.9)) for m in (model, disc))
     loss_kw = dict(beta=args.beta, perceptual_weight=args.perceptual_weight, disc_weight=args.disc_weight)
     progress, restarts = Progress(args.tok_steps, "tokenizer"), 0
@@ -369,7 +369,7 @@ def train_tokenizer(model, disc, x_train, args, device):
         x, use_gan = x_train[idx].to(device), args.gan and step > args.disc_start
         for opt in (opt_g, opt_d):  # cosine decay to 0: at a constant lr the GAN's last step is noisy
             opt.param_groups[0]["lr"] = args.lr * cosine_lr(step - 1, args.tok_steps)
-        with torch.autocast(device.type, torch.bfloat16):
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
             terms, x_hat, z_e = generator_step(model, disc, opt_g, x, use_gan=use_gan, **loss_kw)
             if args.perceptual_weight or args.gan:  # D serves the perceptual term too
                 terms["disc"] = discriminator_step(disc, opt_d, x, x_hat)
@@ -402,7 +402,7 @@ def train_prior(prior, tokenizer, x_train, labels, args, device):
     prior.train()
     for step, idx in enumerate(batches(len(tokens), args.prior_batch_size, total), 1):
         opt.param_groups[0]["lr"] = args.prior_lr * cosine_lr(step - 1, total, warmup=min(100, total // 10))
-        with torch.autocast(device.type, torch.bfloat16):                 # bf16, as in train_tokenizer
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):  # as in train_tokenizer
             loss = prior_nll(prior, tokens[idx].to(device), labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -412,10 +412,9 @@ def train_prior(prior, tokenizer, x_train, labels, args, device):
 
 @torch.no_grad()
 def evaluate_and_sample(args, tokenizer, prior, num_classes, x_test, y_test, out, device):
-    """Test metrics (error in [0, 1] pixel units; codebook usage, the share of the K codes chosen,
-    and perplexity, exp of their entropy; the prior's -sum_t log2 p(z_t | z_<t, y)); recon.png/.npy;
-    samples.png/.npy (a row per class), sample_labels.npy. Sampling runs at one CPU thread (faster
-    than two on 2 busy cores, measured), then the caller's count comes back."""
+    """Test metrics (error in [0, 1] pixel units; codebook usage, the share of the K codes chosen, and
+    perplexity, exp of their entropy; the prior's -sum_t log2 p(z_t | z_<t, y)); recon.png/.npy; samples.png/.npy
+    (a row per class), sample_labels.npy. Sampling runs at one CPU thread (faster on 2 busy cores, measured)."""
     tokens, recons = encode(tokenizer, x_test, device, decode=True)
     counts = torch.bincount(tokens.flatten(), minlength=tokenizer.quantizer.codebook.num_embeddings).float()
     p, mse = counts[counts > 0] / counts.sum(), (recons - to_unit(x_test)).pow(2).mean().item()
@@ -469,6 +468,7 @@ def parse_args(argv=None):
     add("--disc-start", type=nonnegative_int, default=800, help="step after which lambda * L_GAN joins")
     add("--disc-weight", type=nonnegative_float, default=0.2, help="w_d, constant factor on lambda")
     add("--gan", action=argparse.BooleanOptionalAction, default=True, help="the adversarial term (--no-gan: the ablation)")
+    add("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast in training")
     add("--perceptual-weight", type=nonnegative_float, default=1.0, help="w_p (0: no perceptual term)")
     add("--prior-batch-size", type=positive_int, default=128, help="prior batch size")
     add("--prior-lr", type=positive_float, default=1e-3, help="prior learning rate")

@@ -437,17 +437,21 @@ def test_a_smoke_run_tokenises_only_what_the_prior_reads(monkeypatch, tiny_mnist
     assert seen == [2 * 8, 20]   # train: 2 steps of 8 images; test: --test-limit 20
 
 
-def test_training_steps_run_under_bf16_autocast_and_tokenising_and_scoring_do_not(monkeypatch, tiny_mnist_dir, tmp_path):
+@pytest.mark.parametrize("flag", ["--bf16", "--no-bf16"])
+def test_training_steps_run_under_bf16_autocast_and_tokenising_and_scoring_do_not(flag, monkeypatch, tiny_mnist_dir,
+                                                                                  tmp_path):
     """Catches autocast left off a training step (the default run's 10-minute budget needs it), or
-    on around the tokenising and scoring (bf16 tokens would differ from the test set's)."""
+    on around the tokenising and scoring (bf16 tokens would differ from the test set's), or on
+    despite --no-bf16 (slow where the CPU emulates bf16)."""
     seen = {"generator_step": [], "prior_nll": [], "encode": []}
     for name, calls in seen.items():
         real = getattr(vqgan, name)
         spy = lambda *a, real=real, calls=calls, **k: calls.append(torch.is_autocast_enabled("cpu")) or real(*a, **k)
         monkeypatch.setattr(vqgan, name, spy)
     vqgan.main(SMOKE + ["--data-dir", str(tiny_mnist_dir), "--out", str(tmp_path / "o"), "--steps", "2",
-                        "--test-limit", "20", "--num-samples", "10"])
-    assert seen == {"generator_step": [True, True], "prior_nll": [True, True, False], "encode": [False, False]}
+                        "--test-limit", "20", "--num-samples", "10", flag])
+    on = flag == "--bf16"
+    assert seen == {"generator_step": [on, on], "prior_nll": [on, on, False], "encode": [False, False]}
 
 
 def test_sampling_runs_at_one_thread_and_gives_the_callers_back(monkeypatch, tmp_path):
