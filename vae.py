@@ -22,7 +22,7 @@ Samples are blurry: a Bernoulli mean averages what the Gaussian Q cannot tell ap
 B batch, C H W channels, height, width, D = C H W pixels, Z latent dims, K importance samples.
 
 Run: python vae.py [--data my_images.npy] (--z-dim 2 adds manifold.png; a smoke run: --steps 2
---test-limit 100 --num-samples 10). A default run (MNIST, about 7 minutes on 2 CPU cores) writes
+--test-limit 100 --num-samples 10). A default run (MNIST, about 6 minutes on 2 CPU cores) writes
 runs/vae/ (model.pt, metrics.json, samples, recon .png/.npy, interp.png), test_nll_nats 87.2.
 """
 
